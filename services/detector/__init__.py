@@ -1,0 +1,1 @@
+"""Trapline detector service."""

@@ -1,0 +1,1 @@
+"""Trapline embedder service."""

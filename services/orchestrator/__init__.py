@@ -1,0 +1,1 @@
+"""Trapline orchestrator service."""

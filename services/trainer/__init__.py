@@ -1,0 +1,1 @@
+"""Trapline trainer service."""

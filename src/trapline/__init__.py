@@ -1,0 +1,2 @@
+"""Trapline: deep active learning for camera-trap images."""
+__version__ = "0.1.0"
