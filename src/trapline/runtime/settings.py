@@ -38,6 +38,11 @@ class ServiceSettings(BaseSettings):
     )
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight calls may run on.")
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    data_dir: Path = Field(
+        Path("var"),
+        description="Folder for this service's state (stores, model versions, databases). Subclasses set a "
+        "per-service default, e.g. var/selector; `trapline up` sets <data-dir>/<service>.",
+    )
 
     # Transport security (off by default: services listen on localhost).
     tls_cert_file: Path | None = Field(None, description="PEM server certificate; enables TLS with tls_key_file.")
