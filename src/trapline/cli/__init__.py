@@ -1,9 +1,11 @@
-"""``trapline``: the command line for people.
+"""trapline: the command line for people.
 
-Commands that exist today:
-
-  trapline up [--data-dir DIR]      start every service as a local process; stop them all with Ctrl-C
-  trapline health [HOST:PORT ...]   health of every service behind each address (default: the five local ports)
+  trapline up [--data-dir DIR]              start every service as a local process; Ctrl-C stops them all
+  trapline health [HOST:PORT ...]           health of every service behind each address
+  trapline ingest PROJECT SOURCE [--create] ingest a folder, a MegaDetector JSON or a COCO Camera Traps JSON
+  trapline status [PROJECT]                 a project's progress, or the list of projects
+  trapline label PROJECT                    label crops in the terminal
+  trapline export PROJECT -o FILE           MegaDetector JSON (Timelapse, AddaxAI), COCO Camera Traps or CSV
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from .client import aio_channel, auth_metadata
-from .defaults import PORTS
+from ..client import aio_channel, auth_metadata
+from ..defaults import PORTS
+from . import portal
+from ._common import CommandError
 
 INFRA = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 STATUS_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
@@ -66,7 +70,7 @@ async def _health(args: argparse.Namespace) -> int:
 
 
 async def _up(args: argparse.Namespace) -> int:
-    from .local import LocalStack, available_services
+    from ..local import LocalStack, available_services
 
     services = args.services or available_services()
     if not services:
@@ -98,7 +102,8 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trapline", description=__doc__.split("\n")[0].strip("`: "))
+    parser = argparse.ArgumentParser(prog="trapline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     health = sub.add_parser("health", help="print the health of every service behind each address")
     health.add_argument("addresses", nargs="*", metavar="HOST:PORT",
@@ -114,15 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SERVING (default 300)")
     up.add_argument("--check", action="store_true", help="start, wait until every service is SERVING, then stop")
     up.set_defaults(func=_up)
+
+    portal.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return asyncio.run(args.func(args))
+        return portal.run(args.func, args)
     except KeyboardInterrupt:
         return 130
+    except CommandError as exc:
+        print(f"trapline {args.command}: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"trapline {args.command}: {exc}", file=sys.stderr)
         return 2
