@@ -109,3 +109,19 @@ async def _check(address: str) -> str:
         except grpc.aio.AioRpcError:
             return "STARTING"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def free_ports() -> dict[str, int]:
+    """A free port per service (tests and the demo run beside whatever already uses the defaults)."""
+    import socket
+
+    socks = []
+    ports = {}
+    for service in ORDER:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports[service] = s.getsockname()[1]
+    for s in socks:
+        s.close()
+    return ports
