@@ -1,0 +1,1 @@
+"""Model-building scripts (torchvision references style): flat, one purpose each, runnable from the repo."""

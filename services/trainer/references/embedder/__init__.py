@@ -1,0 +1,1 @@
+"""Builds the default embedding model: ``python -m trapline.trainer.references.embedder.train``."""
