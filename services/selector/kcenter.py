@@ -1,0 +1,361 @@
+"""Exact k-Center greedy (Sener & Savarese's core-set selection), fast at a million points.
+
+The textbook greedy: the centres are the labelled points; repeatedly take the unlabelled point farthest
+(Euclidean) from its nearest centre and make it a centre. :func:`reference_kcenter` is that loop, written
+plainly in float64; :class:`KCenter` selects exactly the same points (same order, same lowest-index tie
+break) without touching every point at every step:
+
+* **Coarse bounds, one streaming pass.** The distance to any subset ``S`` of the centres is an upper bound
+  on the distance to the nearest centre. One float32 GEMM pass over the vectors against ``S`` (a spread-out
+  subset of the labelled points, chosen by farthest-first traversal) gives every point such a bound; a
+  rounding margin makes it a bound of the exact value too. Points are sorted by their bound once.
+* **Lazy exact greedy.** Only points whose bound could still win enter a *pool* where their distance to the
+  nearest centre is computed exactly (float64). Each step takes the pool's best value; a stale value (centres
+  added since it was computed) is still an upper bound, so only the top of the pool is refreshed until the
+  best value is fresh. It is the global argmax once it beats the best coarse bound outside the pool;
+  otherwise the pool grows by the next points in bound order. Nothing is approximate: the exact objective
+  decides every pick, and ties go to the lowest point index as ``np.argmax`` would.
+* **Warm rounds.** The bounds and the pool's exact values (with respect to labelled centres only) are kept
+  between rounds. When the previous picks are labelled they join the centre list; stale values stay upper
+  bounds, so the next round costs a few small refreshes instead of a pass over the data.
+
+Squared distances are used throughout (same order as distances); scores returned are distances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+#: Bound on the relative float32 error of ``|x|^2 + |s|^2 - 2 x.s`` for d <= ~600 (d * eps32 * 2, rounded up).
+_F32_MARGIN = 4e-5
+_CHUNK_ROWS = 32768
+
+
+def reference_kcenter(vectors: np.ndarray, labelled: np.ndarray, count: int, *,
+                      eligible: np.ndarray | None = None, first: int | None = None,
+                      sequences: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Textbook greedy in float64 with explicit differences: (picked indices, distances). For tests; O(count * n * d).
+
+    ``first`` is the pick used when nothing is labelled yet (the greedy needs a first centre).
+    ``sequences`` (int codes, -1 none) enforces at most one pick per sequence.
+    """
+    x = np.asarray(vectors, dtype=np.float64)
+    n = len(x)
+    elig = np.ones(n, bool) if eligible is None else eligible.copy()
+    elig &= ~labelled
+    mind = np.full(n, np.inf)
+    for c in np.flatnonzero(labelled):
+        mind = np.minimum(mind, ((x - x[c]) ** 2).sum(1))
+    picks, scores = [], []
+    for _ in range(count):
+        if not mind[np.isfinite(mind)].size and first is not None:
+            j = first
+        else:
+            j = int(np.argmax(np.where(elig, mind, -1.0)))
+        picks.append(j)
+        scores.append(math.sqrt(mind[j]) if np.isfinite(mind[j]) else math.inf)
+        elig[j] = False
+        if sequences is not None and sequences[j] >= 0:
+            elig &= sequences != sequences[j]
+        mind = np.minimum(mind, ((x - x[j]) ** 2).sum(1))
+    return np.array(picks, dtype=np.int64), np.array(scores)
+
+
+def farthest_first(points: np.ndarray, k: int) -> np.ndarray:
+    """Indices of ``k`` spread-out rows of ``points`` (farthest-first traversal from row 0)."""
+    p = np.asarray(points, dtype=np.float32)
+    k = min(k, len(p))
+    chosen = [0]
+    d2 = ((p - p[0]) ** 2).sum(1)
+    for _ in range(k - 1):
+        j = int(np.argmax(d2))
+        chosen.append(j)
+        d2 = np.minimum(d2, ((p - p[j]) ** 2).sum(1))
+    return np.array(chosen, dtype=np.int64)
+
+
+def _route(centres: np.ndarray, groups: int, iters: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Group the centres (a few Lloyd steps from a farthest-first start): (group means, group of each centre).
+
+    A point is routed to its nearest mean and bounded by the exact distance to that group's centres, so the
+    bound is usually the distance to a near centre at the cost of ``groups + len(centres) / groups`` products.
+    """
+    g = max(1, min(groups, len(centres)))
+    means = centres[farthest_first(centres, g)].copy()
+    for _ in range(iters):
+        d2 = (centres ** 2).sum(1)[:, None] + (means ** 2).sum(1)[None, :] - 2.0 * centres @ means.T
+        of = d2.argmin(axis=1)
+        for q in range(g):
+            m = of == q
+            if m.any():
+                means[q] = centres[m].mean(axis=0)
+    d2 = (centres ** 2).sum(1)[:, None] + (means ** 2).sum(1)[None, :] - 2.0 * centres @ means.T
+    of = d2.argmin(axis=1)
+    keep = np.unique(of)  # drop empty groups
+    remap = np.full(g, -1)
+    remap[keep] = np.arange(len(keep))
+    return means[keep].astype(np.float32), remap[of]
+
+
+def _sqnorms64(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+@dataclasses.dataclass
+class KCenterStats:
+    """What a round did (for benchmarks and logs)."""
+
+    cold: bool = False
+    pool: int = 0
+    refreshed: int = 0
+    expansions: int = 0
+
+
+class KCenter:
+    """k-Center greedy over a fixed ``[n, d]`` float32 array (a memmap is fine) with state kept between rounds.
+
+    Use one instance per vector array; call :meth:`select` each round with the current labelled mask. The
+    state stays valid while the vectors are unchanged and labelled points stay labelled (then a round is
+    warm); otherwise it is rebuilt (cold). ``coarse_centres`` trades the streaming pass's cost (GEMM width)
+    against the tightness of the bounds.
+    """
+
+    def __init__(self, vectors: np.ndarray, *, coarse_centres: int = 32, chunk_rows: int = _CHUNK_ROWS) -> None:
+        if vectors.ndim != 2:
+            raise ValueError("vectors must be [n, d]")
+        self.x = vectors
+        self.n, self.d = vectors.shape
+        self.coarse_centres = coarse_centres
+        self.chunk_rows = chunk_rows
+        self._state: _State | None = None
+        self.last = KCenterStats()
+
+    # ------------------------------------------------------------------ public
+    def select(self, labelled: np.ndarray, count: int, *, eligible: np.ndarray | None = None,
+               sequences: np.ndarray | None = None, first: Callable[[np.ndarray], int] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Pick ``count`` points: (indices in pick order, distance of each to its nearest centre when picked).
+
+        ``labelled``: bool [n], the centres. ``eligible``: bool [n], points that may be picked (filters);
+        labelled points never are. ``sequences``: int [n] codes (-1 none) for at most one pick per sequence.
+        ``first``: chooses the first pick from the eligible indices when nothing is labelled (default: lowest).
+        The caller guarantees enough eligible points.
+        """
+        labelled = np.asarray(labelled, dtype=bool)
+        elig = (np.ones(self.n, bool) if eligible is None else np.array(eligible, dtype=bool, copy=True))
+        elig &= ~labelled
+        self.last = KCenterStats()
+        if not labelled.any():
+            cand = np.flatnonzero(elig)
+            p0 = int(first(cand)) if first is not None else int(cand[0])
+            tmp = labelled.copy()
+            tmp[p0] = True
+            elig[p0] = False
+            if sequences is not None and sequences[p0] >= 0:
+                elig &= sequences != sequences[p0]
+            state = self._build(tmp)  # a throw-away state: p0 is not a labelled centre for later rounds
+            picks, scores = self._round(state, tmp, elig, count - 1, sequences)
+            return np.concatenate([[p0], picks]).astype(np.int64), np.concatenate([[math.inf], scores])
+        state = self._state
+        if state is None or not labelled[state.centres].all():
+            state = self._state = self._build(labelled)
+        return self._round(state, labelled, elig, count, sequences)
+
+    def forget(self) -> None:
+        """Drop the kept state (the vectors changed)."""
+        self._state = None
+
+    # ------------------------------------------------------------------ cold pass
+    def _build(self, labelled: np.ndarray) -> "_State":
+        self.last.cold = True
+        centres = np.flatnonzero(labelled)
+        cx = np.asarray(self.x[centres], dtype=np.float32)
+        reps, group_of = _route(cx, self.coarse_centres)
+        rn = np.einsum("ij,ij->i", reps, reps)
+        members = [np.flatnonzero(group_of == q) for q in range(len(reps))]
+        gx = [cx[m].T.copy() for m in members]
+        gn = [np.einsum("ij,ij->i", cx[m], cx[m]) for m in members]
+        cmax = np.float32(max(float(g.max()) for g in gn if len(g)))
+        bound = np.empty(self.n, np.float32)
+        rt = reps.T.copy()
+        for r0 in range(0, self.n, self.chunk_rows):
+            xc = np.asarray(self.x[r0: r0 + self.chunk_rows], dtype=np.float32)
+            xn = np.einsum("ij,ij->i", xc, xc)
+            g = xc @ rt
+            g *= -2.0
+            g += rn
+            route = g.argmin(axis=1)
+            b = np.empty(len(xc), np.float32)
+            for q in np.unique(route):
+                rows = np.flatnonzero(route == q)
+                h = xc[rows] @ gx[q]
+                h *= -2.0
+                h += gn[q]
+                b[rows] = h.min(axis=1)
+            b += xn
+            b += np.float32(_F32_MARGIN) * (xn + cmax)  # rounding margin: now >= the exact squared distance
+            bound[r0: r0 + len(xc)] = b
+        bound[labelled] = -np.inf
+        order = np.argsort(-bound, kind="stable")
+        state = _State(centres=centres, cx64=np.asarray(self.x[centres], dtype=np.float64),
+                       order=order, bound_sorted=bound[order], in_pool=np.zeros(self.n, bool))
+        state.cn64 = _sqnorms64(state.cx64)
+        return state
+
+    # ------------------------------------------------------------------ one round
+    def _round(self, st: "_State", labelled: np.ndarray, elig: np.ndarray, count: int,
+               sequences: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        new = np.setdiff1d(np.flatnonzero(labelled), st.centres, assume_unique=True)
+        if len(new):  # previous picks (or any other points) were labelled: they are centres now
+            st.centres = np.concatenate([st.centres, new])
+            nx = np.asarray(self.x[new], dtype=np.float64)
+            st.cx64 = np.concatenate([st.cx64, nx])
+            st.cn64 = np.concatenate([st.cn64, _sqnorms64(nx)])
+        ncent = len(st.centres)
+        d = self.d
+        picks: list[int] = []
+        scores: list[float] = []
+        px64 = np.empty((max(count, 1), d), np.float64)
+        pn64 = np.empty(max(count, 1), np.float64)
+        # round-local copies: picks are centres only for this round
+        r_val = st.pool_val.copy()
+        r_upto = np.zeros(len(st.pool_idx), np.int64)
+        cand = elig[st.pool_idx]
+        rv = np.where(cand, r_val, -np.inf)
+        scan = 0  # position in the coarse order from which to look for the best coarse bound outside the pool
+        grow = 2048
+
+        def next_coarse(start: int) -> tuple[int, float]:
+            pos = start
+            step = 65536
+            while pos < self.n:
+                idx = st.order[pos: pos + step]
+                ok = np.flatnonzero(elig[idx] & ~st.in_pool[idx])
+                if len(ok):
+                    return pos + int(ok[0]), float(st.bound_sorted[pos + ok[0]])
+                pos += step
+            return self.n, -math.inf
+
+        def refresh(p: np.ndarray) -> None:
+            """Bring pool positions ``p`` up to date with every labelled centre and every pick so far."""
+            nonlocal rv
+            if len(p) == 0:
+                return
+            self.last.refreshed += len(p)
+            x = np.asarray(self.x[st.pool_idx[p]], dtype=np.float64)
+            xn = st.pool_xn[p]
+            lo = int(st.pool_upto[p].min())
+            if lo < ncent:
+                g = x @ st.cx64[lo:].T
+                d2 = (xn[:, None] + st.cn64[lo:][None, :] - 2.0 * g).min(axis=1)
+                np.maximum(d2, 0.0, out=d2)
+                st.pool_val[p] = np.minimum(st.pool_val[p], d2)
+                st.pool_upto[p] = ncent
+            v = np.minimum(r_val[p], st.pool_val[p])
+            lo2 = int(r_upto[p].min())
+            if lo2 < len(picks):
+                g = x @ px64[lo2: len(picks)].T
+                d2 = (xn[:, None] + pn64[lo2: len(picks)][None, :] - 2.0 * g).min(axis=1)
+                np.maximum(d2, 0.0, out=d2)
+                v = np.minimum(v, d2)
+            r_val[p] = v
+            r_upto[p] = len(picks)
+            rv[p] = np.where(cand[p], v, -np.inf)
+
+        def expand(scan: int, want: int) -> int:
+            """Move up to ``want`` eligible points with the largest coarse bounds into the pool (exact values)."""
+            nonlocal r_val, r_upto, cand, rv
+            got: list[np.ndarray] = []
+            have = 0
+            pos = scan
+            while pos < self.n and have < want:
+                idx = st.order[pos: pos + 65536]
+                ok = idx[elig[idx] & ~st.in_pool[idx]]
+                take = ok[: want - have]
+                got.append(take)
+                have += len(take)
+                pos += 65536 if len(take) == len(ok) else 0
+                if len(take) < len(ok):
+                    break
+            if not have:
+                return 0
+            add = np.sort(np.concatenate(got))
+            self.last.expansions += 1
+            st.in_pool[add] = True
+            x = np.asarray(self.x[add], dtype=np.float64)
+            xn = _sqnorms64(x)
+            val = np.empty(len(add))
+            for a in range(0, len(add), 4096):
+                g = x[a: a + 4096] @ st.cx64.T
+                d2 = (xn[a: a + 4096, None] + st.cn64[None, :] - 2.0 * g).min(axis=1)
+                val[a: a + 4096] = np.maximum(d2, 0.0)
+            rval = val.copy()
+            if picks:
+                g = x @ px64[: len(picks)].T
+                d2 = (xn[:, None] + pn64[: len(picks)][None, :] - 2.0 * g).min(axis=1)
+                rval = np.minimum(rval, np.maximum(d2, 0.0))
+            st.pool_idx = np.concatenate([st.pool_idx, add])
+            st.pool_val = np.concatenate([st.pool_val, val])
+            st.pool_upto = np.concatenate([st.pool_upto, np.full(len(add), ncent, np.int64)])
+            st.pool_xn = np.concatenate([st.pool_xn, xn])
+            r_val = np.concatenate([r_val, rval])
+            r_upto = np.concatenate([r_upto, np.full(len(add), len(picks), np.int64)])
+            cand = np.concatenate([cand, np.ones(len(add), bool)])
+            rv = np.concatenate([rv, rval])
+            return have
+
+        for _ in range(count):
+            scan, t = next_coarse(scan)
+            while True:
+                j = int(np.argmax(rv)) if len(rv) else -1
+                best = rv[j] if j >= 0 else -math.inf
+                if best == -math.inf or best <= t:
+                    if t == -math.inf:
+                        raise ValueError("no eligible point left to pick")
+                    expand(scan, grow)
+                    grow *= 2
+                    scan, t = next_coarse(scan)
+                    continue
+                if st.pool_upto[j] == ncent and r_upto[j] == len(picks):
+                    ties = np.flatnonzero(rv >= best)
+                    if len(ties) > 1:  # exact ties: make all of them fresh, then lowest point index wins
+                        stale = ties[(st.pool_upto[ties] < ncent) | (r_upto[ties] < len(picks))]
+                        if len(stale):
+                            refresh(stale)
+                            continue
+                        j = int(ties[np.argmin(st.pool_idx[ties])])
+                    break
+                b = min(256, len(rv))
+                top = np.argpartition(-rv, b - 1)[:b] if b < len(rv) else np.arange(len(rv))
+                refresh(top[np.isfinite(rv[top])])
+            pid = int(st.pool_idx[j])
+            picks.append(pid)
+            scores.append(math.sqrt(r_val[j]))
+            px64[len(picks) - 1] = np.asarray(self.x[pid], dtype=np.float64)
+            pn64[len(picks) - 1] = _sqnorms64(px64[len(picks) - 1: len(picks)])[0]
+            elig[pid] = False
+            if sequences is not None and sequences[pid] >= 0:
+                elig &= sequences != sequences[pid]
+                cand &= elig[st.pool_idx]
+            cand[j] = False
+            rv = np.where(cand, r_val, -np.inf)
+        self.last.pool = len(st.pool_idx)
+        return np.array(picks, dtype=np.int64), np.array(scores)
+
+
+@dataclasses.dataclass
+class _State:
+    centres: np.ndarray  # labelled point indices accounted for, in the order added
+    cx64: np.ndarray  # their vectors, float64
+    order: np.ndarray  # all points by coarse bound, largest first (labelled at the end)
+    bound_sorted: np.ndarray  # coarse upper bound of the squared distance, in that order
+    in_pool: np.ndarray  # bool [n]
+    cn64: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
+    pool_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    pool_val: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))  # exact vs centres[:upto]
+    pool_upto: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    pool_xn: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
