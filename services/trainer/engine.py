@@ -227,7 +227,7 @@ def train_head(
     margin: float = 0.2,
     p: int = 16,
     k: int = 4,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     weight_decay: float = 1e-4,
     seed: int = 0,
     ce_scale: float = 16.0,

@@ -152,6 +152,14 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> Metrics:
     return Metrics(acc, recall, confusion, int(len(truth)))
 
 
+def fit(vectors: np.ndarray, labels: Sequence[str], *, seed: int = 0, threads: int = 0) -> Classifier:
+    """Train on every row, no hold-out (experiments that split the data themselves)."""
+    x, y = _check(vectors, labels)
+    classes = sorted(np.unique(y).tolist())
+    index = {c: i for i, c in enumerate(classes)}
+    return Classifier(classes, *_fit(x, np.array([index[v] for v in y.tolist()]), len(classes), seed, threads))
+
+
 def train(vectors: np.ndarray, labels: Sequence[str], *, holdout_fraction: float = 0.0, seed: int = 0,
           threads: int = 0, refit: bool = True) -> Classifier:
     """Train on labelled vectors; metrics on a stratified hold-out (0 means 0.2); then refit on all rows."""
