@@ -6,6 +6,8 @@
   trapline status [PROJECT]                 a project's progress, or the list of projects
   trapline label PROJECT                    label crops in the terminal
   trapline export PROJECT -o FILE           MegaDetector JSON (Timelapse, AddaxAI), COCO Camera Traps or CSV
+  trapline simulate FEATURES.npz|COCO.json  the paper's experiments: strategies x seeds, oracle from ground truth
+  trapline demo                             the whole system on the real sample frames
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ..client import aio_channel, auth_metadata
 from ..defaults import PORTS
-from . import portal
+from . import experiments, portal
 from ._common import CommandError
 
 INFRA = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
@@ -121,12 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_up)
 
     portal.register(sub)
+    experiments.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "sync", False):
+            return args.func(args)
         return portal.run(args.func, args)
     except KeyboardInterrupt:
         return 130
