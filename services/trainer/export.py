@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def export_onnx(model: EmbeddingNet, path: str | Path, image_size: int = 224) ->
     """Export with a dynamic batch axis (input "images" [n,3,S,S] -> output "embeddings" [n,d])."""
     model = model.eval()
     dummy = torch.zeros(2, 3, image_size, image_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
         torch.onnx.export(
             model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "n"}, OUTPUT_NAME: {0: "n"}}, opset_version=OPSET,

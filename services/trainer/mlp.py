@@ -111,7 +111,7 @@ def _fit(x: np.ndarray, y_idx: np.ndarray, n_classes: int, seed: int, threads: i
     torch.manual_seed(seed)
     d = x.shape[1]
     net = torch.nn.Sequential(torch.nn.Linear(d, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, n_classes))
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y_idx.astype(np.int64))
+    xt, yt = torch.from_numpy(np.array(x, np.float32)), torch.from_numpy(y_idx.astype(np.int64))
     n = len(x)
     batch = 256 if n > 2048 else min(64, n)
     # About 20 epochs, but at least 300 and at most 1500 steps: small label sets still converge and

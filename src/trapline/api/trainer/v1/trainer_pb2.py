@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from trapline.api.common.v1 import common_pb2 as trapline_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!trapline/trainer/v1/trainer.proto\x12\x13trapline.trainer.v1\x1a\x1ftrapline/common/v1/common.proto\"\x8e\x01\n\x16TrainClassifierRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12+\n\x07vectors\x18\x02 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x18\n\x10holdout_fraction\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"\xf7\x01\n\x11\x43lassifierMetrics\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12T\n\x10per_class_recall\x18\x02 \x03(\x0b\x32:.trapline.trainer.v1.ClassifierMetrics.PerClassRecallEntry\x12-\n\tconfusion\x18\x03 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\x12\x14\n\x0choldout_size\x18\x04 \x01(\x03\x1a\x35\n\x13PerClassRecallEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x7f\n\x17TrainClassifierResponse\x12\x1a\n\x12\x63lassifier_version\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x37\n\x07metrics\x18\x03 \x01(\x0b\x32&.trapline.trainer.v1.ClassifierMetrics\"j\n\x0ePredictRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x1a\n\x12\x63lassifier_version\x18\x02 \x01(\t\x12+\n\x07vectors\x18\x03 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\"q\n\x0fPredictResponse\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x31\n\rprobabilities\x18\x02 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\x12\x1a\n\x12\x63lassifier_version\x18\x03 \x01(\t\"D\n\x0cLabelledCrop\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04jpeg\x18\x03 \x01(\x0c\x12\r\n\x05label\x18\x04 \x01(\t\"\xfa\x01\n\x14StartFineTuneRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\x12\x30\n\x05\x63rops\x18\x03 \x03(\x0b\x32!.trapline.trainer.v1.LabelledCrop\x12\'\n\x04loss\x18\x04 \x01(\x0e\x32\x19.trapline.trainer.v1.Loss\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x0e\n\x06margin\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x19\n\x11\x63lasses_per_batch\x18\x08 \x01(\x05\x12\x17\n\x0f\x63rops_per_class\x18\t \x01(\x05\"=\n\x15StartFineTuneResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x0eGetJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x10WatchJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x11\x43\x61ncelJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job*F\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x10\n\x0cLOSS_TRIPLET\x10\x01\x12\x16\n\x12LOSS_CROSS_ENTROPY\x10\x02\x32\xc6\x04\n\x0eTrainerService\x12l\n\x0fTrainClassifier\x12+.trapline.trainer.v1.TrainClassifierRequest\x1a,.trapline.trainer.v1.TrainClassifierResponse\x12T\n\x07Predict\x12#.trapline.trainer.v1.PredictRequest\x1a$.trapline.trainer.v1.PredictResponse\x12\x66\n\rStartFineTune\x12).trapline.trainer.v1.StartFineTuneRequest\x1a*.trapline.trainer.v1.StartFineTuneResponse\x12Q\n\x06GetJob\x12\".trapline.trainer.v1.GetJobRequest\x1a#.trapline.trainer.v1.GetJobResponse\x12Y\n\x08WatchJob\x12$.trapline.trainer.v1.WatchJobRequest\x1a%.trapline.trainer.v1.WatchJobResponse0\x01\x12Z\n\tCancelJob\x12%.trapline.trainer.v1.CancelJobRequest\x1a&.trapline.trainer.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!trapline/trainer/v1/trainer.proto\x12\x13trapline.trainer.v1\x1a\x1ftrapline/common/v1/common.proto\"\x8e\x01\n\x16TrainClassifierRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12+\n\x07vectors\x18\x02 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x18\n\x10holdout_fraction\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"\xf7\x01\n\x11\x43lassifierMetrics\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12T\n\x10per_class_recall\x18\x02 \x03(\x0b\x32:.trapline.trainer.v1.ClassifierMetrics.PerClassRecallEntry\x12-\n\tconfusion\x18\x03 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\x12\x14\n\x0choldout_size\x18\x04 \x01(\x03\x1a\x35\n\x13PerClassRecallEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x7f\n\x17TrainClassifierResponse\x12\x1a\n\x12\x63lassifier_version\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x37\n\x07metrics\x18\x03 \x01(\x0b\x32&.trapline.trainer.v1.ClassifierMetrics\"j\n\x0ePredictRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x1a\n\x12\x63lassifier_version\x18\x02 \x01(\t\x12+\n\x07vectors\x18\x03 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\"q\n\x0fPredictResponse\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x31\n\rprobabilities\x18\x02 \x01(\x0b\x32\x1a.trapline.common.v1.Tensor\x12\x1a\n\x12\x63lassifier_version\x18\x03 \x01(\t\"D\n\x0cLabelledCrop\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04jpeg\x18\x03 \x01(\x0c\x12\r\n\x05label\x18\x04 \x01(\t\"\x91\x02\n\x14StartFineTuneRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\x12\x30\n\x05\x63rops\x18\x03 \x03(\x0b\x32!.trapline.trainer.v1.LabelledCrop\x12\'\n\x04loss\x18\x04 \x01(\x0e\x32\x19.trapline.trainer.v1.Loss\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x0e\n\x06margin\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x19\n\x11\x63lasses_per_batch\x18\x08 \x01(\x05\x12\x17\n\x0f\x63rops_per_class\x18\t \x01(\x05\x12\x15\n\rresume_job_id\x18\n \x01(\t\"=\n\x15StartFineTuneResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x0eGetJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x10WatchJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x11\x43\x61ncelJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.trapline.common.v1.Job*F\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x10\n\x0cLOSS_TRIPLET\x10\x01\x12\x16\n\x12LOSS_CROSS_ENTROPY\x10\x02\x32\xc6\x04\n\x0eTrainerService\x12l\n\x0fTrainClassifier\x12+.trapline.trainer.v1.TrainClassifierRequest\x1a,.trapline.trainer.v1.TrainClassifierResponse\x12T\n\x07Predict\x12#.trapline.trainer.v1.PredictRequest\x1a$.trapline.trainer.v1.PredictResponse\x12\x66\n\rStartFineTune\x12).trapline.trainer.v1.StartFineTuneRequest\x1a*.trapline.trainer.v1.StartFineTuneResponse\x12Q\n\x06GetJob\x12\".trapline.trainer.v1.GetJobRequest\x1a#.trapline.trainer.v1.GetJobResponse\x12Y\n\x08WatchJob\x12$.trapline.trainer.v1.WatchJobRequest\x1a%.trapline.trainer.v1.WatchJobResponse0\x01\x12Z\n\tCancelJob\x12%.trapline.trainer.v1.CancelJobRequest\x1a&.trapline.trainer.v1.CancelJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFIERMETRICS_PERCLASSRECALLENTRY']._loaded_options = None
   _globals['_CLASSIFIERMETRICS_PERCLASSRECALLENTRY']._serialized_options = b'8\001'
-  _globals['_LOSS']._serialized_start=1501
-  _globals['_LOSS']._serialized_end=1571
+  _globals['_LOSS']._serialized_start=1524
+  _globals['_LOSS']._serialized_end=1594
   _globals['_TRAINCLASSIFIERREQUEST']._serialized_start=92
   _globals['_TRAINCLASSIFIERREQUEST']._serialized_end=234
   _globals['_CLASSIFIERMETRICS']._serialized_start=237
@@ -51,21 +51,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LABELLEDCROP']._serialized_start=838
   _globals['_LABELLEDCROP']._serialized_end=906
   _globals['_STARTFINETUNEREQUEST']._serialized_start=909
-  _globals['_STARTFINETUNEREQUEST']._serialized_end=1159
-  _globals['_STARTFINETUNERESPONSE']._serialized_start=1161
-  _globals['_STARTFINETUNERESPONSE']._serialized_end=1222
-  _globals['_GETJOBREQUEST']._serialized_start=1224
-  _globals['_GETJOBREQUEST']._serialized_end=1255
-  _globals['_GETJOBRESPONSE']._serialized_start=1257
-  _globals['_GETJOBRESPONSE']._serialized_end=1311
-  _globals['_WATCHJOBREQUEST']._serialized_start=1313
-  _globals['_WATCHJOBREQUEST']._serialized_end=1346
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1348
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1404
-  _globals['_CANCELJOBREQUEST']._serialized_start=1406
-  _globals['_CANCELJOBREQUEST']._serialized_end=1440
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1442
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1499
-  _globals['_TRAINERSERVICE']._serialized_start=1574
-  _globals['_TRAINERSERVICE']._serialized_end=2156
+  _globals['_STARTFINETUNEREQUEST']._serialized_end=1182
+  _globals['_STARTFINETUNERESPONSE']._serialized_start=1184
+  _globals['_STARTFINETUNERESPONSE']._serialized_end=1245
+  _globals['_GETJOBREQUEST']._serialized_start=1247
+  _globals['_GETJOBREQUEST']._serialized_end=1278
+  _globals['_GETJOBRESPONSE']._serialized_start=1280
+  _globals['_GETJOBRESPONSE']._serialized_end=1334
+  _globals['_WATCHJOBREQUEST']._serialized_start=1336
+  _globals['_WATCHJOBREQUEST']._serialized_end=1369
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1371
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1427
+  _globals['_CANCELJOBREQUEST']._serialized_start=1429
+  _globals['_CANCELJOBREQUEST']._serialized_end=1463
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1465
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1522
+  _globals['_TRAINERSERVICE']._serialized_start=1597
+  _globals['_TRAINERSERVICE']._serialized_end=2179
 # @@protoc_insertion_point(module_scope)

@@ -293,6 +293,7 @@ class StartFineTuneRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     CLASSES_PER_BATCH_FIELD_NUMBER: _builtins.int
     CROPS_PER_CLASS_FIELD_NUMBER: _builtins.int
+    RESUME_JOB_ID_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     """Project id."""
     base_version: _builtins.str
@@ -309,6 +310,10 @@ class StartFineTuneRequest(_message.Message):
     """Classes per batch (P); 0 means the default."""
     crops_per_class: _builtins.int
     """Crops per class per batch (K); 0 means the default."""
+    resume_job_id: _builtins.str
+    """Resume this CANCELLED or FAILED job from its last checkpoint instead of starting a new one; the other
+    fields are then ignored (the job kept its inputs).
+    """
     @_builtins.property
     def crops(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledCrop]:
         """Labelled crops; at least two classes with at least two crops each."""
@@ -325,10 +330,11 @@ class StartFineTuneRequest(_message.Message):
         seed: _builtins.int = ...,
         classes_per_batch: _builtins.int = ...,
         crops_per_class: _builtins.int = ...,
+        resume_job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "classes_per_batch", b"classes_per_batch", "crops", b"crops", "crops_per_class", b"crops_per_class", "epochs", b"epochs", "loss", b"loss", "margin", b"margin", "project", b"project", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "classes_per_batch", b"classes_per_batch", "crops", b"crops", "crops_per_class", b"crops_per_class", "epochs", b"epochs", "loss", b"loss", "margin", b"margin", "project", b"project", "resume_job_id", b"resume_job_id", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
