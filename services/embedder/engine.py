@@ -23,10 +23,14 @@ from .preprocess import preprocess_batch
 log = logging.getLogger("trapline.embedder")
 
 
+#: Set once a session asked for CUDA and did not get it (libraries missing): later sessions ask for CPU only.
+_cuda_unusable = False
+
+
 def choose_providers(device: str = "auto") -> list[str]:
     """CUDA first when ONNX Runtime offers it (and ``device`` allows), always CPU as the fallback."""
     available = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available and not _cuda_unusable:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         log.warning("CUDA requested but ONNX Runtime offers only %s; using CPU", available)
@@ -56,6 +60,10 @@ class OnnxEmbeddingModel:
             self.session = ort.InferenceSession(str(stored.model_path), opts, providers=["CPUExecutionProvider"])
         #: What the session really uses (get_providers), not what was asked for.
         self.providers: list[str] = self.session.get_providers()
+        global _cuda_unusable
+        if "CUDAExecutionProvider" in choose_providers(device) and not self.on_cuda:
+            _cuda_unusable = True
+            log.warning("ONNX Runtime lists CUDA but could not use it (see its message above); running on CPU")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

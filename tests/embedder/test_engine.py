@@ -113,3 +113,20 @@ def test_a_switch_during_a_call_lets_the_call_finish_on_the_old_version(bundled_
     vectors, version = e.embed(crop_jpegs[:2])
     assert version == "twin" and vectors.shape == (2, 256)
     np.testing.assert_allclose(vectors, results["old"][0][:2], atol=1e-5)  # same weights, new id
+
+
+def test_cuda_is_asked_for_only_when_onnx_runtime_offers_it(monkeypatch):
+    import trapline.embedder.engine as engine
+
+    monkeypatch.setattr(engine, "_cuda_unusable", False)
+    monkeypatch.setattr(engine.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert engine.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert engine.choose_providers("cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(engine.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert engine.choose_providers("auto") == ["CPUExecutionProvider"]
+    assert engine.choose_providers("cuda") == ["CPUExecutionProvider"]
+
+
+def test_the_active_model_reports_the_providers_its_session_really_uses(embedder):
+    providers = embedder.active.session.get_providers()
+    assert embedder.active.providers == providers and providers[-1] == "CPUExecutionProvider"

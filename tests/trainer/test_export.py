@@ -46,3 +46,20 @@ def test_torch_embedding_is_deterministic(store, real_crops):
     a = embed_pixels(model, [c.pixels for c in real_crops[:3]])
     b = embed_pixels(model, [c.pixels for c in real_crops[:3]])
     assert np.array_equal(a, b)
+
+
+def test_resnet50_is_available_without_a_download(tmp_path):
+    """The paper's backbone, for GPU deployments: random init (or a local weights file), same head and export."""
+    from trapline.trainer.models import partial_state
+
+    model = build("resnet50", pretrained=False, seed=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 256)
+    torch.testing.assert_close(y.norm(dim=1), torch.ones(2))
+    weights = partial_state(model, pretrained=False)
+    assert "backbone.net.conv1.weight" in weights and "head.weight" in weights
+    again = build("resnet50", pretrained=False, seed=1, weights=weights)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), y)
