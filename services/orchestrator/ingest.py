@@ -173,14 +173,12 @@ class Ingest:
                 t = time.monotonic()
                 async with self.lock(project):
                     current = await self._embedding_version(project)
-                    ids = [c["id"] for c in crops]
                     if vectors is None or version != current:  # resumed, or the embedding switched meanwhile
                         vectors = await self._vectors_for(project, current, crops)
                     points = [PointData(c["id"], str(c["image_id"]), c["location"], c["seq_id"]) for c in crops]
                     if points:
                         await patiently(lambda: self.selector.upsert(project, current, points, vectors), "selector")
                     await asyncio.to_thread(self.db.set_image_status, [r["id"] for r in rows], "done")
-                del ids
                 timings["upsert"] += time.monotonic() - t
                 await self._progress(job_id, t0, timings)
 

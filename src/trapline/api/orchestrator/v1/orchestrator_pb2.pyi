@@ -339,6 +339,7 @@ class StartIngestRequest(_message.Message):
     URIS_FIELD_NUMBER: _builtins.int
     MEGADETECTOR_JSON_URI_FIELD_NUMBER: _builtins.int
     COCO_JSON_URI_FIELD_NUMBER: _builtins.int
+    CSV_URI_FIELD_NUMBER: _builtins.int
     IMAGE_ROOT_URI_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project id."""
@@ -348,6 +349,10 @@ class StartIngestRequest(_message.Message):
     """A MegaDetector batch output JSON (any format version); its detections are taken as given."""
     coco_json_uri: _builtins.str
     """A COCO Camera Traps JSON; locations, sequences and dates are kept, labels only as hidden ground truth."""
+    csv_uri: _builtins.str
+    """A CSV with a `file` (or `uri`) column and optional location, seq_id, datetime and normalized boxes
+    (category, detection_conf, x_min, y_min, box_width, box_height: then taken as given, like MegaDetector's).
+    """
     image_root_uri: _builtins.str
     """Folder that relative file names in a JSON source are resolved against; default: the JSON's folder."""
     @_builtins.property
@@ -362,13 +367,14 @@ class StartIngestRequest(_message.Message):
         uris: Global___UriList | None = ...,
         megadetector_json_uri: _builtins.str = ...,
         coco_json_uri: _builtins.str = ...,
+        csv_uri: _builtins.str = ...,
         image_root_uri: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["coco_json_uri", b"coco_json_uri", "folder_uri", b"folder_uri", "megadetector_json_uri", b"megadetector_json_uri", "source", b"source", "uris", b"uris"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["coco_json_uri", b"coco_json_uri", "csv_uri", b"csv_uri", "folder_uri", b"folder_uri", "megadetector_json_uri", b"megadetector_json_uri", "source", b"source", "uris", b"uris"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coco_json_uri", b"coco_json_uri", "folder_uri", b"folder_uri", "image_root_uri", b"image_root_uri", "megadetector_json_uri", b"megadetector_json_uri", "project_id", b"project_id", "source", b"source", "uris", b"uris"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coco_json_uri", b"coco_json_uri", "csv_uri", b"csv_uri", "folder_uri", b"folder_uri", "image_root_uri", b"image_root_uri", "megadetector_json_uri", b"megadetector_json_uri", "project_id", b"project_id", "source", b"source", "uris", b"uris"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["folder_uri", "uris", "megadetector_json_uri", "coco_json_uri"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["folder_uri", "uris", "megadetector_json_uri", "coco_json_uri", "csv_uri"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
