@@ -109,6 +109,11 @@ class EmbedderClient(_Client):
         await self.call(self.stub.LoadModel, embedder_pb2.LoadModelRequest(version=version))
 
 
+def selector_name(project: str) -> str:
+    """The selector's name for a project: its names allow '.' but not '_' (ours allow '_' but not '.')."""
+    return project.replace("_", ".")
+
+
 class SelectorClient(_Client):
     service = "selector"
 
@@ -117,29 +122,29 @@ class SelectorClient(_Client):
         self.stub = selector_pb2_grpc.SelectorServiceStub(self.channel)
 
     async def upsert(self, project: str, version: str, points: Sequence[PointData], vectors: np.ndarray) -> None:
-        request = selector_pb2.UpsertRequest(project=project, embedding_version=version, points=[
+        request = selector_pb2.UpsertRequest(project=selector_name(project), embedding_version=version, points=[
             selector_pb2.Point(id=p.id, vector=to_tensor(vectors[i]), image_id=p.image_id, location=p.location,
                                sequence_id=p.sequence_id) for i, p in enumerate(points)])
         await self.call(self.stub.Upsert, request)
 
     async def set_labels(self, project: str, labels: Sequence[tuple[str, str]]) -> None:
         await self.call(self.stub.SetLabels, selector_pb2.SetLabelsRequest(
-            project=project, labels=[selector_pb2.Label(id=i, label=lb) for i, lb in labels]))
+            project=selector_name(project), labels=[selector_pb2.Label(id=i, label=lb) for i, lb in labels]))
 
     async def set_predictions(self, project: str, ids: Sequence[str], classes: Sequence[str],
                               probabilities: np.ndarray) -> None:
         await self.call(self.stub.SetPredictions, selector_pb2.SetPredictionsRequest(
-            project=project, ids=list(ids), classes=list(classes), probabilities=to_tensor(probabilities)))
+            project=selector_name(project), ids=list(ids), classes=list(classes), probabilities=to_tensor(probabilities)))
 
     async def select(self, project: str, strategy: str, count: int, exclude: Sequence[str], seed: int) -> list[str]:
         response = await self.call(self.stub.Select, selector_pb2.SelectRequest(
-            project=project, strategy=strategy, count=count, seed=seed,
+            project=selector_name(project), strategy=strategy, count=count, seed=seed,
             filter=selector_pb2.SelectFilter(exclude_ids=list(exclude))))
         return [s.id for s in response.selected]
 
     async def switch(self, project: str, version: str) -> None:
         await self.call(self.stub.SwitchEmbedding, selector_pb2.SwitchEmbeddingRequest(
-            project=project, embedding_version=version))
+            project=selector_name(project), embedding_version=version))
 
 
 class TrainerClient(_Client):
