@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 #: Bound on the relative float32 error of ``|x|^2 + |s|^2 - 2 x.s`` for d <= ~600 (d * eps32 * 2, rounded up).
 _F32_MARGIN = 4e-5
-_CHUNK_ROWS = 32768
+_CHUNK_ROWS = 65536
 
 
 def reference_kcenter(vectors: np.ndarray, labelled: np.ndarray, count: int, *,
@@ -124,13 +127,15 @@ class KCenter:
     against the tightness of the bounds.
     """
 
-    def __init__(self, vectors: np.ndarray, *, coarse_centres: int = 32, chunk_rows: int = _CHUNK_ROWS) -> None:
+    def __init__(self, vectors: np.ndarray, *, coarse_centres: int = 32, chunk_rows: int = _CHUNK_ROWS,
+                 workers: int | None = None) -> None:
         if vectors.ndim != 2:
             raise ValueError("vectors must be [n, d]")
         self.x = vectors
         self.n, self.d = vectors.shape
         self.coarse_centres = coarse_centres
         self.chunk_rows = chunk_rows
+        self.workers = workers or os.cpu_count() or 1
         self._state: _State | None = None
         self.last = KCenterStats()
 
@@ -145,6 +150,12 @@ class KCenter:
         ``first``: chooses the first pick from the eligible indices when nothing is labelled (default: lowest).
         The caller guarantees enough eligible points.
         """
+        # Many small products: one BLAS thread each, parallel over chunks in our own threads instead (BLAS
+        # thread pools spin and waste the CPU on small products, worse on a shared machine).
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._select(labelled, count, eligible, sequences, first)
+
+    def _select(self, labelled, count, eligible, sequences, first):
         labelled = np.asarray(labelled, dtype=bool)
         elig = (np.ones(self.n, bool) if eligible is None else np.array(eligible, dtype=bool, copy=True))
         elig &= ~labelled
@@ -165,6 +176,15 @@ class KCenter:
             state = self._state = self._build(labelled)
         return self._round(state, labelled, elig, count, sequences)
 
+    def _map(self, fn: Callable[[int], None], starts: range) -> None:
+        """Run ``fn`` over chunk starts on ``workers`` threads (numpy releases the GIL; BLAS is 1-threaded)."""
+        if self.workers <= 1 or len(starts) <= 1:
+            for a in starts:
+                fn(a)
+            return
+        with ThreadPoolExecutor(self.workers) as ex:
+            list(ex.map(fn, starts))
+
     def forget(self) -> None:
         """Drop the kept state (the vectors changed)."""
         self._state = None
@@ -182,23 +202,33 @@ class KCenter:
         cmax = np.float32(max(float(g.max()) for g in gn if len(g)))
         bound = np.empty(self.n, np.float32)
         rt = reps.T.copy()
-        for r0 in range(0, self.n, self.chunk_rows):
+
+        def chunk(r0: int) -> None:
             xc = np.asarray(self.x[r0: r0 + self.chunk_rows], dtype=np.float32)
             xn = np.einsum("ij,ij->i", xc, xc)
             g = xc @ rt
             g *= -2.0
             g += rn
             route = g.argmin(axis=1)
-            b = np.empty(len(xc), np.float32)
-            for q in np.unique(route):
-                rows = np.flatnonzero(route == q)
-                h = xc[rows] @ gx[q]
+            perm = np.argsort(route, kind="stable")
+            xs = xc[perm]  # rows grouped by route: one gather, then contiguous slices
+            edges = np.searchsorted(route[perm], np.arange(len(reps) + 1))
+            bs = np.empty(len(xc), np.float32)
+            for q in range(len(reps)):
+                a, z = edges[q], edges[q + 1]
+                if a == z:
+                    continue
+                h = xs[a:z] @ gx[q]
                 h *= -2.0
                 h += gn[q]
-                b[rows] = h.min(axis=1)
+                bs[a:z] = h.min(axis=1)
+            b = np.empty(len(xc), np.float32)
+            b[perm] = bs
             b += xn
             b += np.float32(_F32_MARGIN) * (xn + cmax)  # rounding margin: now >= the exact squared distance
             bound[r0: r0 + len(xc)] = b
+
+        self._map(chunk, range(0, self.n, self.chunk_rows))
         bound[labelled] = -np.inf
         order = np.argsort(-bound, kind="stable")
         state = _State(centres=centres, cx64=np.asarray(self.x[centres], dtype=np.float64),
@@ -289,10 +319,13 @@ class KCenter:
             x = np.asarray(self.x[add], dtype=np.float64)
             xn = _sqnorms64(x)
             val = np.empty(len(add))
-            for a in range(0, len(add), 4096):
-                g = x[a: a + 4096] @ st.cx64.T
-                d2 = (xn[a: a + 4096, None] + st.cn64[None, :] - 2.0 * g).min(axis=1)
-                val[a: a + 4096] = np.maximum(d2, 0.0)
+
+            def exact(a: int) -> None:
+                g = x[a: a + 2048] @ st.cx64.T
+                d2 = (xn[a: a + 2048, None] + st.cn64[None, :] - 2.0 * g).min(axis=1)
+                val[a: a + 2048] = np.maximum(d2, 0.0)
+
+            self._map(exact, range(0, len(add), 2048))
             rval = val.copy()
             if picks:
                 g = x @ px64[: len(picks)].T
