@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from trapline.runtime.errors import InvalidArgument
+from trapline.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .modelstore import ModelStore, StoredVersion
 from .preprocess import preprocess_batch
@@ -110,7 +110,7 @@ class Embedder:
         active = self._active
         if not version or (active is not None and active.version == version):
             if active is None:
-                raise InvalidArgument("no active model version; LoadModel one first", field="model_version")
+                raise FailedPrecondition("no active model version; LoadModel one first")
             return active
         return self._get(version, field="model_version")
 

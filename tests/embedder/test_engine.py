@@ -130,3 +130,14 @@ def test_cuda_is_asked_for_only_when_onnx_runtime_offers_it(monkeypatch):
 def test_the_active_model_reports_the_providers_its_session_really_uses(embedder):
     providers = embedder.active.session.get_providers()
     assert embedder.active.providers == providers and providers[-1] == "CPUExecutionProvider"
+
+
+def test_the_embedder_service_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, trapline.embedder.server, trapline.embedder.engine, trapline.embedder.preprocess; "
+            "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
+            "assert not bad, f'embedder imported {bad}'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
