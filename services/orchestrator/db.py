@@ -285,6 +285,7 @@ class Database:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self.vector_generation: dict[str, int] = {}  # version -> writes so far in this process (cache keys)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -454,6 +455,7 @@ class Database:
         with self.tx() as c:
             c.executemany("INSERT OR REPLACE INTO vectors VALUES (?,?,?)",
                           [(cid, version, vectors[i].tobytes()) for i, cid in enumerate(crop_ids)])
+            self.vector_generation[version] = self.vector_generation.get(version, 0) + 1
 
     def get_vectors(self, version: str, crop_ids: Sequence[str]) -> np.ndarray:
         """Vectors of ``crop_ids`` under ``version``, in that order; KeyError names a missing one."""

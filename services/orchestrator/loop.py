@@ -32,8 +32,10 @@ from .storage import CropStore
 
 log = logging.getLogger("trapline.orchestrator.loop")
 
-PREDICT_CHUNK = 16_384  # rows per Predict / SetPredictions call (4 MiB of vectors at d=256... x4 = 16 MiB)
+PREDICT_CHUNK = 16_384  # rows per Predict / SetPredictions call (16 MiB of float32 vectors at d=256)
 MAX_BATCH = 10_000
+#: Strategies that rank by the classifier's predictions: NextBatch waits for a background retrain first.
+USES_PREDICTIONS = frozenset({"confidence", "margin", "entropy", "informative_diverse", "margin_cluster_mean"})
 
 
 @dataclass
@@ -75,6 +77,48 @@ class Loop:
         self.finetune_poll = finetune_poll
         self.embed_batch = embed_batch
         self.timings: dict[str, float] = {}  # last round's stages, seconds (for the benchmark and logs)
+        self._vectors: dict[tuple[str, str], tuple[int, list[str], np.ndarray]] = {}
+        self._retrain_locks = Locks()
+        self._retrains: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+
+    def retraining(self, project_id: str) -> asyncio.Task[None] | None:
+        task = self._retrains.get(project_id)
+        return task if task is not None and not task.done() else None
+
+    def _schedule_retrain(self, project_id: str) -> None:
+        if self.retraining(project_id):
+            self._again.add(project_id)  # coalesce: one more pass after the running one
+            return
+
+        async def passes() -> None:
+            while True:
+                self._again.discard(project_id)
+                try:
+                    await self.retrain(project_id)
+                    await asyncio.to_thread(self.db.update_project, project_id, pending_sync=0)
+                except Exception:  # noqa: BLE001 - pending_sync stays set; the next call re-syncs
+                    log.exception("background retrain of %s failed", project_id)
+                    return
+                if project_id not in self._again:
+                    return
+
+        self._retrains[project_id] = asyncio.create_task(passes(), name=f"retrain {project_id}")
+
+    async def stop(self) -> None:
+        for task in list(self._retrains.values()):
+            task.cancel()
+        await asyncio.gather(*self._retrains.values(), return_exceptions=True)
+
+    def _project_vectors(self, project_id: str, version: str) -> tuple[list[str], np.ndarray]:
+        """Every crop vector of the project under ``version``, cached until a vector of that version is written."""
+        generation = self.db.vector_generation.get(version, 0)
+        cached = self._vectors.get((project_id, version))
+        if cached is None or cached[0] != generation:
+            ids, vectors = self.db.project_vectors(project_id, version)
+            self._vectors = {k: v for k, v in self._vectors.items() if k[0] != project_id}
+            self._vectors[(project_id, version)] = cached = (generation, ids, vectors)
+        return cached[1], cached[2]
 
     async def _project(self, project_id: str) -> Project:
         return await asyncio.to_thread(self.db.project, project_id)
@@ -87,8 +131,13 @@ class Loop:
         if not 1 <= count <= MAX_BATCH:
             raise InvalidArgument(f"count must be in [1, {MAX_BATCH}], got {count}", field="count")
         labeller = labeller or "anonymous"
+        t = time.perf_counter()
+        if p.settings.strategy in USES_PREDICTIONS and (task := self.retraining(project_id)):
+            await asyncio.shield(task)  # this strategy ranks by predictions: wait for the fresh ones
+        self.timings["wait_retrain"] = time.perf_counter() - t
         async with self.lock(project_id):
-            await self._sync_if_needed(project_id)
+            if not self.retraining(project_id):
+                await self._sync_if_needed(project_id)
             t = time.perf_counter()
             labelled = await asyncio.to_thread(self.db.label_count, project_id)
             strategy = "random" if labelled < p.settings.seed_labels else p.settings.strategy
@@ -109,7 +158,7 @@ class Loop:
     # -- SubmitLabels ---------------------------------------------------------------------------------
 
     async def submit(self, project_id: str, batch_id: str, labeller: str,
-                     labels: Sequence[tuple[str, str]]) -> SubmitOut:
+                     labels: Sequence[tuple[str, str]], background: bool = False) -> SubmitOut:
         p = await self._project(project_id)
         labeller = labeller or "anonymous"
         await asyncio.to_thread(self._validate, p, batch_id, labels)
@@ -123,7 +172,7 @@ class Loop:
             self.timings = {"store": time.perf_counter() - t}
             version = ""
             if changed or was_pending:
-                version = await self._sync(project_id, None if was_pending else changed)
+                version = await self._sync(project_id, None if was_pending else changed, background=background)
             total = await asyncio.to_thread(self.db.label_count, project_id)
             job_id = await self._maybe_finetune(project_id, total)
         return SubmitOut(accepted, unchanged, corrected, total, version, job_id)
@@ -165,7 +214,7 @@ class Loop:
         if p.pending_sync:
             await self._sync(project_id, None)
 
-    async def _sync(self, project_id: str, changed: Sequence[tuple[str, str]] | None) -> str:
+    async def _sync(self, project_id: str, changed: Sequence[tuple[str, str]] | None, background: bool = False) -> str:
         """Tell the selector the labels (``changed`` or, if None, all), retrain, refresh predictions."""
         t = time.perf_counter()
         if changed is None:
@@ -173,6 +222,9 @@ class Loop:
         if changed:
             await self.selector.set_labels(project_id, changed)
         self.timings["set_labels"] = time.perf_counter() - t
+        if background:
+            self._schedule_retrain(project_id)
+            return ""
         version = await self.retrain(project_id)
         await asyncio.to_thread(self.db.update_project, project_id, pending_sync=0)
         return version
@@ -180,9 +232,13 @@ class Loop:
     async def retrain(self, project_id: str) -> str:
         """Train the classifier on every human label (current embedding), predict every crop, publish the
         predictions. Returns the classifier version, or "" while fewer than two classes are labelled."""
+        async with self._retrain_locks(project_id):
+            return await self._retrain(project_id)
+
+    async def _retrain(self, project_id: str) -> str:
         p = await self._project(project_id)
         t = time.perf_counter()
-        ids, vectors = await asyncio.to_thread(self.db.project_vectors, project_id, p.embedding_version)
+        ids, vectors = await asyncio.to_thread(self._project_vectors, project_id, p.embedding_version)
         labels = await asyncio.to_thread(self.db.labels, project_id)
         index = {cid: i for i, cid in enumerate(ids)}
         rows = [index[c] for c in labels if c in index]
@@ -206,17 +262,23 @@ class Loop:
         if parts:
             probs = np.concatenate(parts)
         self.timings["predict"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if len(todo_ids):
-            top = probs.argmax(axis=1)
-            await asyncio.to_thread(self.db.put_predictions, todo_ids, [classes[k] for k in top],
-                                    probs[np.arange(len(top)), top].tolist(), clf.version)
-        self.timings["store_predictions"] = time.perf_counter() - t
-        t = time.perf_counter()
-        for start in range(0, len(todo_ids), PREDICT_CHUNK):
-            await self.selector.set_predictions(project_id, todo_ids[start:start + PREDICT_CHUNK], classes,
-                                                probs[start:start + PREDICT_CHUNK])
-        self.timings["set_predictions"] = time.perf_counter() - t
+
+        async def store() -> None:
+            t = time.perf_counter()
+            if len(todo_ids):
+                top = probs.argmax(axis=1)
+                await asyncio.to_thread(self.db.put_predictions, todo_ids, [classes[k] for k in top],
+                                        probs[np.arange(len(top)), top].tolist(), clf.version)
+            self.timings["store_predictions"] = time.perf_counter() - t
+
+        async def publish() -> None:
+            t = time.perf_counter()
+            for start in range(0, len(todo_ids), PREDICT_CHUNK):
+                await self.selector.set_predictions(project_id, todo_ids[start:start + PREDICT_CHUNK], classes,
+                                                    probs[start:start + PREDICT_CHUNK])
+            self.timings["set_predictions"] = time.perf_counter() - t
+
+        await asyncio.gather(store(), publish())  # our copy and the selector's, side by side
         total = len(labels)
         await asyncio.to_thread(self.db.update_project, project_id, classifier_version=clf.version,
                                 classifier_accuracy=float(clf.accuracy))

@@ -202,7 +202,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def SubmitLabels(self, request, context):  # noqa: N802
         out = await self.app.loop.submit(request.project_id, request.batch_id, request.labeller,
-                                         [(lb.crop_id, lb.label) for lb in request.labels])
+                                         [(lb.crop_id, lb.label) for lb in request.labels],
+                                         background=request.retrain_in_background)
         return pb.SubmitLabelsResponse(accepted=out.accepted, unchanged=out.unchanged, corrected=out.corrected,
                                        total_labels=out.total_labels, classifier_version=out.classifier_version,
                                        finetune_job_id=out.finetune_job_id)
@@ -311,6 +312,7 @@ class OrchestratorApp(App[OrchestratorSettings]):
 
     async def shutdown(self) -> None:
         await self.board.stop_all()
+        await self.loop.stop()
         for client in (self.detector, self.embedder, self.selector, self.trainer):
             if hasattr(client, "close"):
                 await client.close()

@@ -313,3 +313,31 @@ async def test_labels_survive_a_service_outage_and_a_restart(tmp_path, frames):
         nxt = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana", count=20))
         assert not {i.crop_id for i in nxt.items} & {i.crop_id for i in batch.items}
         assert set(ports["selector"].labels["p"]) == {i.crop_id for i in batch.items}
+
+
+async def test_background_retraining_answers_at_once_and_prediction_strategies_wait_for_it(tmp_path, frames):
+    ports = fake_ports()
+    trainer = ports["trainer"]
+    original = trainer.train
+
+    async def slow_train(*a, **kw):
+        await asyncio.sleep(0.5)
+        return await original(*a, **kw)
+
+    trainer.train = slow_train
+    async with serve(make_app(tmp_path, frames, ports)) as stub:
+        await create(stub, seed_labels=2, batch_size=2, strategy=pb.STRATEGY_MARGIN)
+        await wait_job(stub, (await stub.StartIngest(pb.StartIngestRequest(
+            project_id="p", folder_uri=str(frames / "cct_sample" / "images")))).job.id)
+        batch = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
+        reply = await stub.SubmitLabels(pb.SubmitLabelsRequest(
+            project_id="p", labeller="ana", batch_id=batch.batch_id, retrain_in_background=True,
+            labels=[pb.CropLabel(crop_id=i.crop_id, label=lb) for i, lb in zip(batch.items, ["deer", "coyote"])]))
+        assert reply.accepted == 2 and reply.classifier_version == ""
+        assert set(ports["selector"].labels["p"]) == {i.crop_id for i in batch.items}, \
+            "the selector must know the labels before the answer"
+        assert (await stub.GetProgress(pb.GetProgressRequest(project_id="p"))).classifier_version == ""
+        nxt = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
+        assert nxt.strategy == "margin" and all(i.predicted_label for i in nxt.items), \
+            "a margin batch must wait for the background classifier"
+        assert trainer.trained == 1

@@ -674,12 +674,18 @@ class SubmitLabelsRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     LABELLER_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    RETRAIN_IN_BACKGROUND_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project id."""
     batch_id: _builtins.str
     """Batch the labels answer; may be empty for ad-hoc corrections."""
     labeller: _builtins.str
     """Who labelled."""
+    retrain_in_background: _builtins.bool
+    """Answer once the labels are stored and the selector has them, and retrain the classifier in the
+    background (classifier_version is then empty). NextBatch waits for that retraining only when the
+    project's strategy ranks by predictions; k-Center and random do not, so the next batch is ready at once.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___CropLabel]:
         """Labels. Unknown crops are NOT_FOUND; unknown classes INVALID_ARGUMENT unless new classes are allowed."""
@@ -691,10 +697,11 @@ class SubmitLabelsRequest(_message.Message):
         batch_id: _builtins.str = ...,
         labeller: _builtins.str = ...,
         labels: _abc.Iterable[Global___CropLabel] | None = ...,
+        retrain_in_background: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "labeller", b"labeller", "labels", b"labels", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "labeller", b"labeller", "labels", b"labels", "project_id", b"project_id", "retrain_in_background", b"retrain_in_background"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
