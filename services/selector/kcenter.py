@@ -275,18 +275,23 @@ class KCenter:
             nonlocal rv
             if len(p) == 0:
                 return
+            approx = st.pool_upto[p] < 0
+            if approx.any() and not approx.all():
+                refresh(p[approx])
+                refresh(p[~approx])
+                return
             self.last.refreshed += len(p)
             x = np.asarray(self.x[st.pool_idx[p]], dtype=np.float64)
-            xn = st.pool_xn[p]
-            lo = int(st.pool_upto[p].min())
+            xn = _sqnorms64(x)
+            lo = max(int(st.pool_upto[p].min()), 0)  # float32 bounds (upto -1): recompute from the first centre
             if lo < ncent:
                 g = x @ st.cx64[lo:].T
                 d2 = (xn[:, None] + st.cn64[lo:][None, :] - 2.0 * g).min(axis=1)
                 np.maximum(d2, 0.0, out=d2)
-                st.pool_val[p] = np.minimum(st.pool_val[p], d2)
+                st.pool_val[p] = d2 if approx[0] else np.minimum(st.pool_val[p], d2)
                 st.pool_upto[p] = ncent
-            v = np.minimum(r_val[p], st.pool_val[p])
-            lo2 = int(r_upto[p].min())
+            v = np.minimum(r_val[p], st.pool_val[p]) if not approx[0] else st.pool_val[p].copy()
+            lo2 = 0 if approx[0] else int(r_upto[p].min())
             if lo2 < len(picks):
                 g = x @ px64[lo2: len(picks)].T
                 d2 = (xn[:, None] + pn64[lo2: len(picks)][None, :] - 2.0 * g).min(axis=1)
@@ -316,33 +321,41 @@ class KCenter:
             add = np.sort(np.concatenate(got))
             self.last.expansions += 1
             st.in_pool[add] = True
-            x = np.asarray(self.x[add], dtype=np.float64)
-            xn = _sqnorms64(x)
+            # float32 products plus the rounding margin: upper bounds, made exact (float64) only for the few
+            # points that reach the top of the pool (marked by upto = -1, like stale values)
+            x = np.asarray(self.x[add], dtype=np.float32)
+            xn = np.einsum("ij,ij->i", x, x)
             val = np.empty(len(add))
+            if st.cx32 is None or len(st.cx32) != ncent:
+                st.cx32 = st.cx64.astype(np.float32)
+            cn32 = st.cn64.astype(np.float32)
+            cmax = float(st.cn64.max())
 
-            def exact(a: int) -> None:
-                g = x[a: a + 2048] @ st.cx64.T
-                d2 = (xn[a: a + 2048, None] + st.cn64[None, :] - 2.0 * g).min(axis=1)
-                val[a: a + 2048] = np.maximum(d2, 0.0)
+            def bound(a: int) -> None:
+                g = x[a: a + 2048] @ st.cx32.T
+                g *= -2.0
+                g += cn32
+                d2 = g.min(axis=1) + xn[a: a + 2048]
+                val[a: a + 2048] = d2 + _F32_MARGIN * (xn[a: a + 2048] + cmax)
 
-            self._map(exact, range(0, len(add), 2048))
+            self._map(bound, range(0, len(add), 2048))
             rval = val.copy()
             if picks:
-                g = x @ px64[: len(picks)].T
-                d2 = (xn[:, None] + pn64[: len(picks)][None, :] - 2.0 * g).min(axis=1)
-                rval = np.minimum(rval, np.maximum(d2, 0.0))
+                pk = px64[: len(picks)].astype(np.float32)
+                g = x @ pk.T
+                d2 = (xn[:, None] + (pk ** 2).sum(1)[None, :] - 2.0 * g).min(axis=1)
+                rval = np.minimum(rval, d2 + _F32_MARGIN * (xn + float(pn64[: len(picks)].max())))
             st.pool_idx = np.concatenate([st.pool_idx, add])
             st.pool_val = np.concatenate([st.pool_val, val])
-            st.pool_upto = np.concatenate([st.pool_upto, np.full(len(add), ncent, np.int64)])
-            st.pool_xn = np.concatenate([st.pool_xn, xn])
+            st.pool_upto = np.concatenate([st.pool_upto, np.full(len(add), -1, np.int64)])
             r_val = np.concatenate([r_val, rval])
-            r_upto = np.concatenate([r_upto, np.full(len(add), len(picks), np.int64)])
+            r_upto = np.concatenate([r_upto, np.zeros(len(add), np.int64)])
             cand = np.concatenate([cand, np.ones(len(add), bool)])
             rv = np.concatenate([rv, rval])
             return have
 
+        scan, t = next_coarse(scan)
         for _ in range(count):
-            scan, t = next_coarse(scan)
             while True:
                 j = int(np.argmax(rv)) if len(rv) else -1
                 best = rv[j] if j >= 0 else -math.inf
@@ -374,6 +387,7 @@ class KCenter:
             if sequences is not None and sequences[pid] >= 0:
                 elig &= sequences != sequences[pid]
                 cand &= elig[st.pool_idx]
+                scan, t = next_coarse(scan)  # the best coarse candidate may have lost its eligibility
             cand[j] = False
             rv = np.where(cand, r_val, -np.inf)
         self.last.pool = len(st.pool_idx)
@@ -389,6 +403,7 @@ class _State:
     in_pool: np.ndarray  # bool [n]
     cn64: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
     pool_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
-    pool_val: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))  # exact vs centres[:upto]
+    # exact squared distance to centres[:upto]; upto == -1: a float32 upper bound over all centres
+    pool_val: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
     pool_upto: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
-    pool_xn: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
+    cx32: np.ndarray | None = None  # float32 copy of cx64 for the pool's first bounds
