@@ -628,6 +628,11 @@ class Database:
                 crops[r["image_id"]].append(r)
         return dets, crops
 
+    def detectors(self, project: str) -> list[str]:
+        """Detector model versions that produced the project's detections ("given": taken from an import)."""
+        return [r[0] for r in self._q("SELECT DISTINCT detector FROM images WHERE project=? AND detector<>'' "
+                                      "ORDER BY detector", (project,))]
+
     def ground_truth(self, project: str) -> dict[int, list[sqlite3.Row]]:
         """Hidden ground truth by image id: for simulation and evaluation only, never for the loop."""
         out: dict[int, list[sqlite3.Row]] = {}

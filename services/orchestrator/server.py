@@ -241,7 +241,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         outs, _ = await asyncio.to_thread(image_outs, self.db, p.id)
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         if request.format == pb.EXPORT_FORMAT_MEGADETECTOR:
-            doc = formats.write_megadetector(outs, p.classes, completed=now,
+            detectors = await asyncio.to_thread(self.db.detectors, p.id)
+            doc = formats.write_megadetector(outs, p.classes, completed=now, detector=", ".join(detectors),
                                              classifier=f"trapline MLP {p.classifier_version or '(none yet)'}")
             content = json.dumps(doc, indent=1).encode()
         elif request.format == pb.EXPORT_FORMAT_COCO_CAMERA_TRAPS:

@@ -341,3 +341,26 @@ async def test_background_retraining_answers_at_once_and_prediction_strategies_w
         assert nxt.strategy == "margin" and all(i.predicted_label for i in nxt.items), \
             "a margin batch must wait for the background classifier"
         assert trainer.trained == 1
+
+
+async def test_a_csv_export_ingests_back_into_the_same_images_and_crops(tmp_path, frames):
+    ports = fake_ports()
+    async with serve(make_app(tmp_path, frames, ports)) as stub:
+        await create(stub, detection_threshold=0.5)
+        await wait_job(stub, (await stub.StartIngest(pb.StartIngestRequest(
+            project_id="p", megadetector_json_uri=str(frames / "md_test_images" / "megadetector.json")))).job.id)
+        csv_path = frames / "md_test_images" / "export.csv"
+        await stub.Export(pb.ExportRequest(project_id="p", format=pb.EXPORT_FORMAT_CSV, destination_uri=str(csv_path)))
+        await create(stub, pid="again", detection_threshold=0.5)
+        job = await wait_job(stub, (await stub.StartIngest(pb.StartIngestRequest(
+            project_id="again", csv_uri=str(csv_path)))).job.id)
+        assert job.state == common_pb2.JOB_STATE_SUCCEEDED, job.error
+        a = await stub.GetProgress(pb.GetProgressRequest(project_id="p"))
+        b = await stub.GetProgress(pb.GetProgressRequest(project_id="again"))
+        assert (a.images, a.crops, a.empty_images) == (b.images, b.crops, b.empty_images)
+        assert ports["detector"].frames == 0
+        ra = (await stub.GetResults(pb.GetResultsRequest(project_id="p"))).images
+        rb = (await stub.GetResults(pb.GetResultsRequest(project_id="again"))).images
+        assert [r.uri for r in ra] == [r.uri for r in rb]
+        for x, y in zip(ra, rb):
+            assert [round(c.bbox.x_min, 4) for c in x.crops] == [round(c.bbox.x_min, 4) for c in y.crops]
