@@ -8,11 +8,13 @@ Qdrant server instead. Every handler runs its blocking work in a thread.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from trapline.api.common.v1 import common_pb2
@@ -23,6 +25,7 @@ from .projects import PointMeta, Selector
 from .store import open_store
 
 SERVICE = "trapline.selector.v1.SelectorService"
+log = logging.getLogger("trapline.selector")
 
 
 class SelectorSettings(ServiceSettings):
@@ -36,12 +39,18 @@ class SelectorSettings(ServiceSettings):
     qdrant_api_key: str = Field("", repr=False,
                                 validation_alias=AliasChoices("TRAPLINE_SELECTOR_QDRANT_API_KEY", "QDRANT_API_KEY"))
     coarse_centres: int = Field(32, ge=1, description="k-Center: routing groups of the coarse bound pass.")
+    connect_seconds: float = Field(60.0, ge=0, description="How long to keep retrying an unreachable Qdrant server "
+                                   "at start (it may start after the selector).")
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> "SelectorSettings":
+        if self.store == "remote" and not self.qdrant_url:
+            raise ValueError("store=remote needs QDRANT_URL (the Qdrant server's URL, e.g. http://qdrant:6333)")
+        return self
 
     def backend(self) -> str:
         if self.store == "auto":
             return "remote" if self.qdrant_url else "edge"
-        if self.store == "remote" and not self.qdrant_url:
-            raise ValueError("store=remote needs QDRANT_URL")
         return self.store
 
 
@@ -126,7 +135,21 @@ class SelectorApp(App[SelectorSettings]):
         store = await asyncio.to_thread(open_store, kind, path=s.data_dir / "qdrant", url=s.qdrant_url or None,
                                         api_key=s.qdrant_api_key or None)
         self.selector = Selector(store, s.data_dir, coarse_centres=s.coarse_centres)
-        await asyncio.to_thread(self.selector.load)
+        deadline = time.monotonic() + s.connect_seconds
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(self.selector.load)
+                return
+            except Exception as exc:
+                if kind != "remote":
+                    raise
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cannot use the Qdrant server at {s.qdrant_url}: {exc} (is it running, "
+                                       "and is QDRANT_API_KEY right?)") from None
+                log.warning("Qdrant at %s not usable yet (%s); retrying in %.1fs", s.qdrant_url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def shutdown(self) -> None:
         if getattr(self, "selector", None) is not None:

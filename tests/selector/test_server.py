@@ -138,3 +138,20 @@ async def test_bad_requests_get_clear_statuses_naming_the_field(tmp_path, backen
                 assert got_field == field
         stats = await stub.GetStats(pb.GetStatsRequest(project="mara"))
         assert (stats.points, stats.labelled, stats.predicted) == (20, 0, 0), "nothing was written half-way"
+
+
+def test_settings_use_a_qdrant_server_when_qdrant_url_is_set(monkeypatch, tmp_path):
+    monkeypatch.delenv("QDRANT_URL", raising=False)
+    assert SelectorSettings(data_dir=tmp_path).backend() == "edge"
+    monkeypatch.setenv("QDRANT_URL", "http://qdrant:6333")
+    monkeypatch.setenv("QDRANT_API_KEY", "secret")
+    s = SelectorSettings(data_dir=tmp_path)
+    assert s.backend() == "remote" and s.qdrant_api_key == "secret" and "secret" not in repr(s)
+
+
+async def test_unreachable_qdrant_server_fails_startup_with_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("QDRANT_URL", "http://127.0.0.1:9")
+    app = SelectorApp(SelectorSettings(port=0, data_dir=tmp_path, connect_seconds=0))
+    with pytest.raises(RuntimeError, match=r"cannot use the Qdrant server at http://127.0.0.1:9"):
+        await app.startup()
+    await app.shutdown()
