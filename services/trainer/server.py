@@ -43,7 +43,8 @@ class TrainerSettings(ServiceSettings):
     port: int = Field(PORTS["trainer"], ge=0, le=65535)
     data_dir: Path = Field(Path("var/trainer"), description="Classifiers and jobs (inputs, checkpoints).")
     model_store: str = Field("", description="URI of the embedder model store; empty: <data_dir>/../models.")
-    default_base_version: str = Field("lite0-triplet-v1", description="Base version when a request names none.")
+    default_base_version: str = Field("", description="Base version when a request names none; empty: the "
+                                      "newest version in the model store that carries torch weights.")
     threads: int = Field(0, ge=0, description="torch threads; 0: torch's default.")
     epochs: int = Field(5, ge=1, le=200, description="Fine-tune epochs when a request says 0.")
     classes_per_batch: int = Field(8, ge=2, description="P when a request says 0.")
@@ -149,7 +150,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             classes_per_batch=request.classes_per_batch or s.classes_per_batch,
             crops_per_class=request.crops_per_class or s.crops_per_class, train_blocks=s.train_blocks, lr=s.lr)
         job = await asyncio.to_thread(submit_finetune, app.runner, app.store, params, crops, labels, ids,
-                                      s.default_base_version if app.store.has(s.default_base_version) else "")
+                                      s.default_base_version or app.newest_base())
         return trainer_pb2.StartFineTuneResponse(job=job_message(job))
 
     async def GetJob(self, request, context):  # noqa: N802
@@ -180,6 +181,11 @@ class TrainerApp(App[TrainerSettings]):
     def registrations(self):
         return [Registration(TrainerServicer(self), trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
                              "trapline.trainer.v1.TrainerService")]
+
+    def newest_base(self) -> str:
+        """The newest stored version with torch weights (a fine-tune continues from the latest one)."""
+        versions = [v for v in self.store.versions() if v.weights_path is not None]
+        return versions[-1].version if versions else ""
 
     def _start(self) -> None:
         s = self.settings

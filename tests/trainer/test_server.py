@@ -77,6 +77,11 @@ async def test_fine_tune_job_end_to_end_then_the_embedder_loads_the_new_version(
         assert version == "ft-0001" and final.result["parent_version"] == DEFAULT_VERSION
         got = await stub.GetJob(trainer_pb2.GetJobRequest(job_id=job_id))
         assert got.job.state == common_pb2.JOB_STATE_SUCCEEDED
+        # A request naming no base continues from the newest version: fine-tunes accumulate.
+        again = (await stub.StartFineTune(trainer_pb2.StartFineTuneRequest(
+            crops=_labelled(crops), epochs=1, classes_per_batch=3, crops_per_class=2))).job
+        last = [u.job async for u in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=again.id))][-1]
+        assert last.result["parent_version"] == "ft-0001" and last.result["model_version"] == "ft-0002"
     manifest = store.verify(version).manifest
     assert manifest["parent_version"] == DEFAULT_VERSION and manifest["training"]["loss"] == "triplet"
     assert manifest["metrics"]["onnx_parity_max_abs_diff"] < 1e-4

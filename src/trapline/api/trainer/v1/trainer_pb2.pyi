@@ -297,7 +297,9 @@ class StartFineTuneRequest(_message.Message):
     project: _builtins.str
     """Project id."""
     base_version: _builtins.str
-    """Embedder model version to start from; empty means the store's active version."""
+    """Embedder model version to start from (normally the embedder's active one: name it); empty means the
+    trainer's default_base_version setting, else the newest version in the model store.
+    """
     loss: Global___Loss.ValueType
     """Loss."""
     epochs: _builtins.int
