@@ -5,19 +5,26 @@ The textbook greedy: the centres are the labelled points; repeatedly take the un
 plainly in float64; :class:`KCenter` selects exactly the same points (same order, same lowest-index tie
 break) without touching every point at every step:
 
-* **Coarse bounds, one streaming pass.** The distance to any subset ``S`` of the centres is an upper bound
-  on the distance to the nearest centre. One float32 GEMM pass over the vectors against ``S`` (a spread-out
-  subset of the labelled points, chosen by farthest-first traversal) gives every point such a bound; a
-  rounding margin makes it a bound of the exact value too. Points are sorted by their bound once.
-* **Lazy exact greedy.** Only points whose bound could still win enter a *pool* where their distance to the
-  nearest centre is computed exactly (float64). Each step takes the pool's best value; a stale value (centres
-  added since it was computed) is still an upper bound, so only the top of the pool is refreshed until the
-  best value is fresh. It is the global argmax once it beats the best coarse bound outside the pool;
-  otherwise the pool grows by the next points in bound order. Nothing is approximate: the exact objective
-  decides every pick, and ties go to the lowest point index as ``np.argmax`` would.
-* **Warm rounds.** The bounds and the pool's exact values (with respect to labelled centres only) are kept
-  between rounds. When the previous picks are labelled they join the centre list; stale values stay upper
-  bounds, so the next round costs a few small refreshes instead of a pass over the data.
+* **Coarse bounds, one streaming pass.** The distance to any centre is an upper bound on the distance to the
+  nearest one. The labelled points are grouped (a few Lloyd steps, ``coarse_centres`` groups); one float32
+  pass over the vectors routes each point to its nearest group mean and takes the exact distance to that
+  group's centres, so a point costs ``groups + centres / groups`` products instead of ``centres``. A rounding
+  margin makes every bound hold for the exact value too. Points are sorted by their bound once. The pass is
+  split in row chunks on a few threads (numpy releases the GIL; BLAS is kept single-threaded).
+* **Lazy exact greedy.** Only points whose bound could still win enter a *pool*, first with a float32 bound
+  over all centres (plus margin), and exactly (float64) once they reach the top. Each step takes the pool's
+  best value; a stale value (centres added since it was computed) or a float32 bound is still an upper
+  bound, so only the top of the pool is refreshed until the best value is exact and fresh. It is the global
+  argmax once it beats the best coarse bound outside the pool; otherwise the pool grows by the next points in
+  bound order. The exact float64 objective decides every pick; ties go to the lowest point index as
+  ``np.argmax`` would.
+* **Warm rounds.** The bounds and the pool's values (with respect to labelled centres only) are kept between
+  rounds. When the previous picks are labelled they join the centre list; stale values stay upper bounds, so
+  the next round costs a few small refreshes instead of a pass over the data.
+
+How much the bounds prune depends on the data: crop embeddings are clustered with a low intrinsic dimension
+and the pool stays small; on vectors drawn uniformly on the sphere (no structure) nearly every bound is loose
+and the pool holds a large share of the points, which costs about one float32 product with every centre.
 
 Squared distances are used throughout (same order as distances); scores returned are distances.
 """
