@@ -1,1 +1,1 @@
-"""Model-building scripts (torchvision references style): flat, one purpose each, runnable from the repo."""
+"""Reproducible model-building scripts (torchvision ``references/`` style), one folder per model."""
