@@ -47,9 +47,14 @@ class VectorFile:
         end = max(self.rows, int(rows.max()) + 1) if len(rows) else self.rows
         with open(self.path, "r+b") as fh:
             order = np.argsort(rows, kind="stable")
-            for r, v in zip(rows[order], vectors[order]):
-                fh.seek(HEADER + int(r) * self.dim * 4)
-                fh.write(v.tobytes())
+            rows, vectors = rows[order], vectors[order]
+            if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:  # one contiguous block (appends)
+                fh.seek(HEADER + int(rows[0]) * self.dim * 4)
+                fh.write(vectors.tobytes())
+            else:
+                for r, v in zip(rows, vectors):
+                    fh.seek(HEADER + int(r) * self.dim * 4)
+                    fh.write(v.tobytes())
             fh.flush()
             os.fsync(fh.fileno())
             fh.seek(0)
