@@ -390,8 +390,9 @@ class Selector:
             if sequence_ids:
                 codes = [ver.seq_vocab[v] for v in sequence_ids if v in ver.seq_vocab and v]
                 eligible &= np.isin(ver.seq_codes[: ver.n], codes)
-            if exclude_ids:
-                eligible[self._rows(ver, list(exclude_ids), "filter.exclude_ids[{i}]")] = False
+            if exclude_ids:  # ids the selector does not know cannot be returned anyway: ignored
+                rows = [ver.row_of[c] for c in exclude_ids if c in ver.row_of]
+                eligible[np.array(rows, dtype=np.int64)] = False
             if strategy == "kcenter" and ver.kcenter is None:
                 ver.kcenter = KCenter(ver.vectors(), coarse_centres=self.coarse_centres)
             pool = Pool(ver.vectors(), ver.labelled[: ver.n].copy(), eligible,

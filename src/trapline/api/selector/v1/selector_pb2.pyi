@@ -273,7 +273,7 @@ class SelectFilter(_message.Message):
 
     @_builtins.property
     def exclude_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Never return these ids (e.g. crops already in another labeller's open batch)."""
+        """Never return these ids (e.g. crops already in another labeller's open batch); unknown ids are ignored."""
 
     def __init__(
         self,
