@@ -364,3 +364,46 @@ async def test_a_csv_export_ingests_back_into_the_same_images_and_crops(tmp_path
         assert [r.uri for r in ra] == [r.uri for r in rb]
         for x, y in zip(ra, rb):
             assert [round(c.bbox.x_min, 4) for c in x.crops] == [round(c.bbox.x_min, 4) for c in y.crops]
+
+
+async def test_serving_without_the_other_services_and_unavailable_names_the_missing_one(tmp_path, frames):
+    settings = OrchestratorSettings(port=0, data_dir=tmp_path / "orch", image_roots=str(frames),
+                                    selector_address="127.0.0.1:1", trainer_address="127.0.0.1:1",
+                                    embedder_address="127.0.0.1:1", detector_address="127.0.0.1:1",
+                                    call_timeout_seconds=5)
+    async with serve(OrchestratorApp(settings)) as stub:
+        await create(stub)
+        assert (await stub.GetProgress(pb.GetProgressRequest(project_id="p"))).images == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "selector" in err.value.details()
+
+
+async def test_ingest_stages_overlap(tmp_path, frames):
+    """While the detector works on one batch of frames, the embedder works on crops of an earlier one."""
+    ports = fake_ports()
+    active: set[str] = set()
+    overlapped = []
+
+    def instrument(name, port, method):
+        original = getattr(port, method)
+
+        async def wrapped(*a, **kw):
+            active.add(name)
+            overlapped.append(set(active))
+            try:
+                await asyncio.sleep(0.05)
+                return await original(*a, **kw)
+            finally:
+                active.discard(name)
+
+        setattr(port, method, wrapped)
+
+    instrument("detect", ports["detector"], "detect")
+    instrument("embed", ports["embedder"], "embed")
+    async with serve(make_app(tmp_path, frames, ports)) as stub:
+        await create(stub)
+        job = await wait_job(stub, (await stub.StartIngest(pb.StartIngestRequest(
+            project_id="p", folder_uri=str(frames / "cct_sample" / "images")))).job.id)
+        assert job.state == common_pb2.JOB_STATE_SUCCEEDED
+    assert any({"detect", "embed"} <= s for s in overlapped), "detection and embedding never ran at the same time"
