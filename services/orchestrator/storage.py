@@ -3,7 +3,8 @@
 Crops of detections that a portal gives us (a MegaDetector or CSV import) are cut here with the rule the
 detector uses for its own (``CROP_MODE_RESIZE``, the paper's choice): the normalized box, in pixels of
 the EXIF-oriented frame, resized to 256x256 with bilinear interpolation, ignoring aspect ratio, JPEG
-quality 90. Calling the detector instead would mean re-detecting frames the portal already detected.
+quality 90; :func:`crop_jpeg` follows ``trapline.detector.crops.crop_box`` pixel for pixel (a test checks
+it). Calling the detector instead would mean re-detecting frames the portal already detected.
 """
 
 from __future__ import annotations
@@ -97,12 +98,24 @@ def cut_crops(image_bytes: bytes, detections: Sequence[Detection], wanted: Seque
     width, height = image.size
     crops = {}
     for i in wanted:
-        x, y, w, h = detections[i].bbox
-        left, top = int(round(x * width)), int(round(y * height))
-        right = max(left + 1, min(width, int(round((x + w) * width))))
-        bottom = max(top + 1, min(height, int(round((y + h) * height))))
-        crop = image.crop((left, top, right, bottom)).resize((size, size), Image.Resampling.BILINEAR)
-        buf = io.BytesIO()
-        crop.save(buf, format="JPEG", quality=JPEG_QUALITY)
-        crops[i] = buf.getvalue()
+        crops[i] = crop_jpeg(image, detections[i].bbox, size)
     return width, height, crops
+
+
+def crop_jpeg(image, bbox: Sequence[float], size: int = CROP_SIZE) -> bytes:
+    """The detector's CROP_MODE_RESIZE on a decoded RGB PIL image: the normalized box clipped to the frame,
+    widened to whole pixels (floor of the start, ceil of the end), resized to ``size`` x ``size`` bilinear."""
+    import math
+
+    from PIL import Image
+
+    w, h = image.size
+    x, y, bw, bh = (float(v) for v in bbox)
+    x1, y1 = max(0.0, x * w), max(0.0, y * h)
+    x2, y2 = min(float(w), (x + bw) * w), min(float(h), (y + bh) * h)
+    box = (math.floor(x1), math.floor(y1), max(math.ceil(x2), math.floor(x1) + 1),
+           max(math.ceil(y2), math.floor(y1) + 1))
+    crop = image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    crop.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()

@@ -155,3 +155,28 @@ def test_csv_without_file_column_is_rejected():
 @pytest.mark.parametrize("count,expected", [(0, "0"), (1, "1-10"), (10, "1-10"), (11, "11-50"), (51, "51+")])
 def test_count_bins_follow_the_paper(count, expected):
     assert formats.count_bin(count) == expected
+
+
+def test_crops_cut_from_given_boxes_match_the_detectors_own_rule():
+    detector_crops = pytest.importorskip("trapline.detector.crops")
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from trapline.orchestrator.storage import crop_jpeg
+
+    path = FRAMES / "md_test_images" / "megadetector.json"
+    doc = json.loads(path.read_text())
+    checked = 0
+    for entry in doc["images"][:3]:
+        with Image.open(path.parent / entry["file"]) as raw:
+            image = ImageOps.exif_transpose(raw).convert("RGB")
+        for d in entry["detections"]:
+            ours = np.asarray(Image.open(io.BytesIO(crop_jpeg(image, d["bbox"]))))
+            theirs = np.asarray(Image.open(io.BytesIO(detector_crops.encode_jpeg(
+                detector_crops.crop_box(np.asarray(image), d["bbox"])))))
+            assert ours.shape == (256, 256, 3)
+            assert np.array_equal(ours, theirs), "a given box is cut differently from the detector's crops"
+            checked += 1
+    assert checked
