@@ -82,7 +82,7 @@ class Version:
         self.locations: list[str] = []
         self.sequences: list[str] = []
         self.loc_vocab: dict[str, int] = {}
-        self.seq_vocab: dict[str, int] = {"": -1}
+        self.seq_vocab: dict[str, int] = {}  # "" (no sequence) has code -1
         self.loc_codes = np.zeros(0, np.int32)
         self.seq_codes = np.zeros(0, np.int32)
         self.labelled = np.zeros(0, bool)
@@ -93,10 +93,9 @@ class Version:
         self.kcenter: KCenter | None = None
 
     # columns ------------------------------------------------------------------
-    def _code(self, vocab: dict[str, int], value: str) -> int:
-        if value not in vocab:
-            vocab[value] = len(vocab) - (1 if "" in vocab and vocab[""] == -1 else 0)
-        return vocab[value]
+    @staticmethod
+    def _code(vocab: dict[str, int], value: str) -> int:
+        return vocab.setdefault(value, len(vocab))
 
     def put_meta(self, row: int, crop: str, image: str, location: str, sequence: str) -> None:
         if row == self.n:
@@ -114,7 +113,7 @@ class Version:
         else:
             self.image_ids[row], self.locations[row], self.sequences[row] = image, location, sequence
         self.loc_codes[row] = self._code(self.loc_vocab, location)
-        self.seq_codes[row] = self._code(self.seq_vocab, sequence)
+        self.seq_codes[row] = self._code(self.seq_vocab, sequence) if sequence else -1
 
     def ensure_classes(self, classes: list[str]) -> np.ndarray:
         for c in classes:
@@ -388,7 +387,7 @@ class Selector:
                 codes = [ver.loc_vocab[v] for v in locations if v in ver.loc_vocab]
                 eligible &= np.isin(ver.loc_codes[: ver.n], codes)
             if sequence_ids:
-                codes = [ver.seq_vocab[v] for v in sequence_ids if v in ver.seq_vocab and v]
+                codes = [ver.seq_vocab[v] for v in sequence_ids if v in ver.seq_vocab]
                 eligible &= np.isin(ver.seq_codes[: ver.n], codes)
             if exclude_ids:  # ids the selector does not know cannot be returned anyway: ignored
                 rows = [ver.row_of[c] for c in exclude_ids if c in ver.row_of]
