@@ -349,18 +349,16 @@ class Selector:
                 field="probabilities")
         if not np.isfinite(probs).all():
             raise errors.InvalidArgument("contains NaN or inf", field="probabilities")
-        if (probs < 0).any() or (probs > 1 + 1e-6).any() or (np.abs(probs.sum(1) - 1) > 1e-3).any():
-            bad = int(np.flatnonzero((np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1))[0]) \
-                if ((np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1)).any() else 0
-            raise errors.InvalidArgument(f"row {bad} is not a probability distribution (values in [0, 1] "
-                                         "summing to 1)", field="probabilities")
+        bad = (probs < 0).any(axis=1) | (probs > 1 + 1e-6).any(axis=1) | (np.abs(probs.sum(axis=1) - 1) > 1e-3)
+        if bad.any():
+            raise errors.InvalidArgument(f"row {int(np.flatnonzero(bad)[0])} is not a probability distribution "
+                                         "(values in [0, 1] summing to 1)", field="probabilities")
         with proj.lock:
             ver = proj.versions[proj.active]
             rows = self._rows(ver, ids, "ids[{i}]")
             if len(set(ids)) != len(ids):
                 raise errors.InvalidArgument("an id appears twice", field="ids")
-            saved = (list(ver.classes), dict(ver.class_index), ver.probs.copy())
-            cols = ver.ensure_classes(classes)
+            cols = ver.ensure_classes(classes)  # new class columns are harmless if the write fails
             old = ver.probs[rows].copy()
             ver.set_prediction_rows(rows, cols, probs.astype(np.float32))
             try:
@@ -368,7 +366,6 @@ class Selector:
                                                         for r in rows])
             except Exception:
                 ver.probs[rows] = old
-                ver.classes, ver.class_index, ver.probs = saved
                 raise
             return len(ids)
 
