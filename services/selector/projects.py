@@ -293,6 +293,8 @@ class Selector:
             rows[new] = ver.n + np.arange(int(new.sum()))
             dirty = ver.file.path.with_suffix(".dirty")
             dirty.touch()
+            replaced = rows[~new]
+            previous = np.array(ver.vectors()[replaced])
             ver.file.write(rows, vectors.astype(np.float32))
             n_before = ver.n
             for i, crop in enumerate(ids):
@@ -300,8 +302,10 @@ class Selector:
             try:
                 self.store.upsert(ver.collection, [point_id(c) for c in ids], vectors,
                                   [ver.payload(int(r)) for r in rows])
-            except Exception:
+            except Exception:  # the store refused: undo the copy so both still agree
                 self._forget_rows(ver, n_before)
+                ver.file.write(replaced, previous)
+                dirty.unlink(missing_ok=True)
                 raise
             dirty.unlink(missing_ok=True)
             ver.kcenter = None  # vectors changed: the next k-Center round is cold

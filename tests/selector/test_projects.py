@@ -195,3 +195,21 @@ def test_select_filters_by_location_and_sequence(selector):
     with pytest.raises(errors.FailedPrecondition) as e:
         sel.select("serengeti", "entropy", 5)
     assert e.value.field == "strategy"
+
+
+def test_a_failed_store_write_leaves_memory_and_vector_copy_as_before(selector, monkeypatch):
+    sel = selector()
+    ids, x = fill(sel)
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("qdrant went away")
+
+    monkeypatch.setattr(sel.store, "upsert", refuse)
+    with pytest.raises(ConnectionError):
+        sel.upsert("serengeti", "", [ids[0], "crop-new"], -x[:2], meta([ids[0], "crop-new"]))
+    ver = sel.projects["serengeti"].versions["default"]
+    assert ver.n == N and "crop-new" not in ver.row_of
+    np.testing.assert_array_equal(ver.vectors(), x)
+    monkeypatch.undo()
+    sel.upsert("serengeti", "", ["crop-new"], x[:1], meta(["crop-new"]))
+    assert sel.stats("serengeti")["points"] == N + 1
