@@ -31,6 +31,20 @@ class Features:
     sequences: np.ndarray | None = None
 
     @classmethod
+    def proxy(cls, name: str) -> "Features":
+        """A larger real data set that installs offline, named as a proxy (not camera-trap data).
+
+        ``sklearn:digits``: scikit-learn's bundled handwritten digits (1,797 images, 10 classes, 64 features
+        scaled to [0, 1]).
+        """
+        if name != "sklearn:digits":
+            raise ValueError(f"unknown proxy {name!r}; available: sklearn:digits")
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return cls("digits (proxy)", (digits.data / 16.0).astype(np.float32), digits.target.astype(str))
+
+    @classmethod
     def load(cls, path: Path, name: str | None = None) -> "Features":
         with np.load(path, allow_pickle=False) as data:
             if "vectors" not in data or "labels" not in data:

@@ -65,6 +65,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     features = []
     try:
         for item in args.inputs:
+            if item.startswith("sklearn:"):
+                features.append(simulate.Features.proxy(item))
+                continue
             path = Path(item)
             if not path.exists():
                 raise CommandError(f"{item}: no such file")
@@ -130,7 +133,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="active learning with a ground-truth oracle: strategies x seeds -> curves")
     p.add_argument("inputs", nargs="+", help="features files (.npz: vectors, labels[, locations, sequences]) "
-                   "or COCO Camera Traps JSON files (full pipeline: detector + embedder are started)")
+                   "or COCO Camera Traps JSON files (full pipeline: detector + embedder are started), "
+                   "or sklearn:digits (a larger real proxy that installs offline)")
     p.add_argument("--strategies", nargs="+", default=["kcenter", "random"],
                    help="kcenter random confidence margin entropy informative_diverse margin_cluster_mean")
     p.add_argument("--seeds", type=int, default=3, help="runs per strategy (default 3)")
