@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -43,6 +43,7 @@ class DemoConfig:
     strategy: int = pb.STRATEGY_KCENTER
     max_labels: int = 0  # 0: until every crop is labelled
     threshold: float = 0.0  # 0: the detector model's default
+    extra_env: dict = field(default_factory=dict)  # e.g. smaller fine-tunes in CI
 
 
 def ground_truth(frames: Path, sets: tuple[str, ...]) -> dict[str, str]:
@@ -85,7 +86,9 @@ async def _accuracy(stub: pb_grpc.OrchestratorServiceStub, project: str, truth: 
 async def run_demo(config: DemoConfig, log=print) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     truth = ground_truth(config.frames, config.sets)
-    stack = LocalStack(data_dir=config.data_dir.resolve(), ports=free_ports())
+    stack = LocalStack(data_dir=config.data_dir.resolve(), ports=free_ports(),
+                       extra_env={"TRAPLINE_ORCHESTRATOR_IMAGE_ROOTS": str(config.frames.resolve()),
+                                  "TRAPLINE_ORCHESTRATOR_DETECT_BATCH": "4", **config.extra_env})
     started = time.monotonic()
     log(f"starting services in {stack.data_dir} ...")
     stack.start()
