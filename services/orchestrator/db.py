@@ -567,6 +567,11 @@ class Database:
             c.executemany("INSERT OR REPLACE INTO predictions VALUES (?,?,?,?)",
                           [(i, lb, float(p), classifier_version) for i, lb, p in zip(crop_ids, labels, confidences)])
 
+    def selectable_count(self, project: str) -> int:
+        """Unlabelled crops of finished images: what the selector can hand out at most."""
+        return self._q("SELECT COUNT(*) FROM crops c JOIN images i ON i.id=c.image_id LEFT JOIN labels l "
+                       "ON l.crop_id=c.id WHERE c.project=? AND i.status='done' AND l.crop_id IS NULL", (project,))[0][0]
+
     def unlabelled_crop_ids(self, project: str) -> list[str]:
         return [r[0] for r in self._q("SELECT c.id FROM crops c LEFT JOIN labels l ON l.crop_id=c.id "
                                       "WHERE c.project=? AND l.crop_id IS NULL ORDER BY c.image_id, c.idx",

@@ -145,7 +145,9 @@ class Loop:
                                               time.time() - self.batch_ttl)
             batches = await asyncio.to_thread(self.db.rounds, project_id)
             seed = p.settings.seed * 1_000_003 + labelled * 7 + batches + 1
-            ids = await self.selector.select(project_id, strategy, count, exclude, seed)
+            available = await asyncio.to_thread(self.db.selectable_count, project_id) - len(exclude)
+            ids = await self.selector.select(project_id, strategy, min(count, available), exclude, seed) \
+                if available > 0 else []
             self.timings["select"] = time.perf_counter() - t
             batch_id = ""
             if ids:

@@ -16,6 +16,7 @@ import pytest
 from trapline.api.common.v1 import common_pb2
 from trapline.api.orchestrator.v1 import orchestrator_pb2 as pb
 from trapline.api.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from trapline.orchestrator.db import Detection, ImageRecord
 from trapline.orchestrator.formats import check_megadetector
 from trapline.orchestrator.server import OrchestratorApp, OrchestratorSettings
 from trapline.runtime.errors import Unavailable
@@ -371,9 +372,15 @@ async def test_serving_without_the_other_services_and_unavailable_names_the_miss
                                     selector_address="127.0.0.1:1", trainer_address="127.0.0.1:1",
                                     embedder_address="127.0.0.1:1", detector_address="127.0.0.1:1",
                                     call_timeout_seconds=5)
-    async with serve(OrchestratorApp(settings)) as stub:
+    app = OrchestratorApp(settings)
+    async with serve(app) as stub:
         await create(stub)
         assert (await stub.GetProgress(pb.GetProgressRequest(project_id="p"))).images == 0
+        # one finished image with a crop, as an earlier ingest would have left it
+        app.db.add_images("p", "j", [ImageRecord(key="a.jpg", uri="a.jpg", file="a.jpg")])
+        image = app.db.images("p")[0]["id"]
+        app.db.record_detections(image, 10, 10, [Detection("1", 1.0, (0, 0, 1, 1))], {0: "file:///x.jpg"}, "p", 0.9, "d")
+        app.db.set_image_status([image], "done")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "selector" in err.value.details()
@@ -407,3 +414,20 @@ async def test_ingest_stages_overlap(tmp_path, frames):
             project_id="p", folder_uri=str(frames / "cct_sample" / "images")))).job.id)
         assert job.state == common_pb2.JOB_STATE_SUCCEEDED
     assert any({"detect", "embed"} <= s for s in overlapped), "detection and embedding never ran at the same time"
+
+
+async def test_next_batch_shrinks_to_what_is_left_and_is_empty_when_all_is_labelled(tmp_path, frames):
+    async with serve(make_app(tmp_path, frames, fake_ports())) as stub:
+        await create(stub, batch_size=100)
+        await wait_job(stub, (await stub.StartIngest(pb.StartIngestRequest(
+            project_id="p", folder_uri=str(frames / "cct_sample" / "images")))).job.id)
+        crops = (await stub.GetProgress(pb.GetProgressRequest(project_id="p"))).crops
+        batch = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
+        assert len(batch.items) == crops
+        other = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ben"))
+        assert not other.items and not other.batch_id, "everything is in ana's open batch"
+        await stub.SubmitLabels(pb.SubmitLabelsRequest(project_id="p", labeller="ana", batch_id=batch.batch_id, labels=[
+            pb.CropLabel(crop_id=i.crop_id, label=["deer", "coyote"][n % 2]) for n, i in enumerate(batch.items)]))
+        done = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
+        assert not done.items
+        assert (await stub.GetProgress(pb.GetProgressRequest(project_id="p"))).rounds == 1
