@@ -76,22 +76,35 @@ def stack(tmp_path_factory):
     st = Stack(root, services)
     st.local.start()
     st.detector_failure = ""
+    st.detector_note = ""
     try:
         try:
             asyncio.run(st.local.wait_serving(timeout=300))
         except RuntimeError as exc:
             if "detector exited" not in str(exc):
                 raise
-            # The detector cannot start here (e.g. its default model is not built yet): run the rest without it
-            # and skip the tests that need it, saying why.
+            # The detector cannot start with its default model (not built yet?). Run the real detector service
+            # with the detector tests' tiny YOLOv5-interface model instead (one animal in every frame), so the
+            # orchestrator-detector path is still exercised; if even that fails, skip the tests that need it.
             log = (st.local.data_dir / "logs" / "detector.log").read_text(errors="replace").strip().splitlines()
             st.detector_failure = next((line for line in reversed(log) if ("Error" in line or "Precondition" in line)
                                         and "Event loop" not in line), str(exc))
             st.local.stop()
-            st.local.services = [s for s in services if s != "detector"]
             st.local.procs = {}
-            st.local.start()
-            asyncio.run(st.local.wait_serving(timeout=300))
+            try:
+                from tests.detector.yolo_fixture import build
+
+                st.local.extra_env["TRAPLINE_DETECTOR_MODEL_PATH"] = str(build(root / "yolo-fixture"))
+                st.local.start()
+                asyncio.run(st.local.wait_serving(timeout=300))
+                st.detector_note = f"default model unavailable ({st.detector_failure}); YOLOv5 fixture model used"
+                st.detector_failure = ""
+            except Exception:  # noqa: BLE001 - fall back to no detector
+                st.local.stop()
+                st.local.procs = {}
+                st.local.services = [s for s in services if s != "detector"]
+                st.local.start()
+                asyncio.run(st.local.wait_serving(timeout=300))
         yield st
     finally:
         st.local.stop()
@@ -232,10 +245,11 @@ async def test_detector_ingest_of_coco_and_a_folder_survives_a_kill(stack):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             now = (await stub.GetJob(pb.GetJobRequest(job_id=job.id))).job
-            if now.done >= 4 or now.state != common_pb2.JOB_STATE_RUNNING:
+            if now.done >= 1 or now.state != common_pb2.JOB_STATE_RUNNING:
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
     stack.kill_orchestrator()
+    assert now.done < total, "the ingest ended before the kill, so the test would not show a resume"
     stack.start_orchestrator()
     await wait_serving(stack)
     channel, stub = await stub_for(stack)
