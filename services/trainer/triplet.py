@@ -50,19 +50,6 @@ def semi_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margi
     return losses[pos_mask].mean()
 
 
-def batch_all_active_fraction(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> float:
-    """Fraction of (a, p, n) triplets that violate the margin: a training diagnostic."""
-    with torch.no_grad():
-        d = pairwise_distances(embeddings)
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool)
-        valid = (same & ~eye)[:, :, None] & (~same)[:, None, :]
-        if not valid.any():
-            return 0.0
-        viol = (d[:, :, None] - d[:, None, :] + margin) > 0
-        return float((viol & valid).sum() / valid.sum())
-
-
 class PKSampler:
     """Batches of P classes x K items each (items repeat within a class when it has fewer than K).
 
