@@ -483,6 +483,10 @@ class Database:
         data = np.frombuffer(b"".join(r["vec"] for r in rows), dtype="<f4").reshape(len(rows), -1)
         return [r["crop_id"] for r in rows], data.astype(np.float32)
 
+    def count_without_vector(self, project: str, version: str) -> int:
+        return self._q("SELECT COUNT(*) FROM crops c LEFT JOIN vectors v ON v.crop_id=c.id AND v.version=? "
+                       "WHERE c.project=? AND v.crop_id IS NULL", (version, project))[0][0]
+
     def crops_without_vector(self, project: str, version: str, limit: int) -> list[sqlite3.Row]:
         return self._q("SELECT c.*, i.location, i.seq_id FROM crops c JOIN images i ON i.id=c.image_id "
                        "LEFT JOIN vectors v ON v.crop_id=c.id AND v.version=? "

@@ -351,10 +351,14 @@ class Loop:
                                 result={"model_version": new_version})
 
     async def _reembed(self, project_id: str, version: str, job_id: str) -> None:
+        total = await asyncio.to_thread(self.db.crop_count, project_id)
+        done = total - await asyncio.to_thread(self.db.count_without_vector, project_id, version)
         while True:
+            await self.board.update(job_id, metrics={"reembedded": float(done), "crops": float(total)})
             rows = await asyncio.to_thread(self.db.crops_without_vector, project_id, version, self.embed_batch)
             if not rows:
                 return
+            done += len(rows)
             jpegs = await asyncio.to_thread(lambda: [self.crops.get(r["uri"]) for r in rows])
             vectors, _ = await patiently(lambda: self.embedder.embed(jpegs, version), "embedder")
             points = [PointData(r["id"], str(r["image_id"]), r["location"], r["seq_id"]) for r in rows]

@@ -431,3 +431,51 @@ async def test_next_batch_shrinks_to_what_is_left_and_is_empty_when_all_is_label
         done = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
         assert not done.items
         assert (await stub.GetProgress(pb.GetProgressRequest(project_id="p"))).rounds == 1
+
+
+async def test_a_fine_tune_interrupted_by_a_restart_resumes_and_switches(tmp_path, frames):
+    ports = fake_ports()
+    trainer = ports["trainer"]
+    release = asyncio.Event()
+    finished = trainer.job
+
+    async def job(job_id):
+        if not release.is_set():
+            from trapline.orchestrator.ports import TrainerJob
+            return TrainerJob(job_id, "RUNNING", 0, 5)
+        return await finished(job_id)
+
+    trainer.job = job
+    async with serve(make_app(tmp_path, frames, ports)) as stub:
+        await create(stub, seed_labels=2, batch_size=3, finetune_every=3)
+        await wait_job(stub, (await stub.StartIngest(pb.StartIngestRequest(
+            project_id="p", folder_uri=str(frames / "cct_sample" / "images")))).job.id)
+        batch = await stub.NextBatch(pb.NextBatchRequest(project_id="p", labeller="ana"))
+        reply = await stub.SubmitLabels(pb.SubmitLabelsRequest(project_id="p", labeller="ana", batch_id=batch.batch_id,
+                                                               labels=[pb.CropLabel(crop_id=i.crop_id, label=lb) for i, lb
+                                                                       in zip(batch.items, ["deer", "coyote", "deer"])]))
+        assert reply.finetune_job_id
+        await asyncio.sleep(0.3)
+        running = (await stub.GetJob(pb.GetJobRequest(job_id=reply.finetune_job_id))).job
+        assert running.state == common_pb2.JOB_STATE_RUNNING
+    release.set()
+    async with serve(make_app(tmp_path, frames, ports)) as stub:
+        job = await wait_job(stub, reply.finetune_job_id)
+        assert job.state == common_pb2.JOB_STATE_SUCCEEDED, job.error
+        assert len(trainer.finetunes) == 1, "the restart must resume the trainer's job, not start another"
+        progress = await stub.GetProgress(pb.GetProgressRequest(project_id="p"))
+        assert progress.embedding_version == "ft-1" and job.metrics["reembedded"] == progress.crops
+
+
+async def test_ingest_a_uri_list_inside_the_roots_only(tmp_path, frames):
+    images = sorted((frames / "cct_sample" / "images").glob("*.jpg"))[:3]
+    async with serve(make_app(tmp_path, frames, fake_ports())) as stub:
+        await create(stub)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.StartIngest(pb.StartIngestRequest(project_id="p", uris=pb.UriList(
+                uris=[str(images[0]), "/etc/passwd"])))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "uris.uris[1]" in err.value.details()
+        job = await wait_job(stub, (await stub.StartIngest(pb.StartIngestRequest(project_id="p", uris=pb.UriList(
+            uris=[images[0].as_uri(), str(images[1]), str(images[2]), str(images[2])])))).job.id)
+        assert job.state == common_pb2.JOB_STATE_SUCCEEDED and job.total == 3
+        assert (await stub.GetProgress(pb.GetProgressRequest(project_id="p"))).images == 3
