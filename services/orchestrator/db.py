@@ -483,6 +483,12 @@ class Database:
         data = np.frombuffer(b"".join(r["vec"] for r in rows), dtype="<f4").reshape(len(rows), -1)
         return [r["crop_id"] for r in rows], data.astype(np.float32)
 
+    def drop_other_vectors(self, project: str, keep: str) -> int:
+        """Delete the project's vectors of every embedding version but ``keep`` (after a switch)."""
+        with self.tx() as c:
+            return c.execute("DELETE FROM vectors WHERE version<>? AND crop_id IN (SELECT id FROM crops WHERE "
+                             "project=?)", (keep, project)).rowcount
+
     def count_without_vector(self, project: str, version: str) -> int:
         return self._q("SELECT COUNT(*) FROM crops c LEFT JOIN vectors v ON v.crop_id=c.id AND v.version=? "
                        "WHERE c.project=? AND v.crop_id IS NULL", (version, project))[0][0]

@@ -347,6 +347,8 @@ class Loop:
             except Exception as exc:  # noqa: BLE001 - not needed for correctness
                 log.warning("embedder LoadModel(%s) failed: %s", new_version, exc)
             await self._sync(project_id, None)
+        dropped = await asyncio.to_thread(self.db.drop_other_vectors, project_id, new_version)
+        log.info("%s switched to %s; %d vectors of older versions dropped", project_id, new_version, dropped)
         await self.board.update(job_id, state="SUCCEEDED", done=3, message=f"switched to {new_version}",
                                 result={"model_version": new_version})
 

@@ -465,6 +465,11 @@ async def test_a_fine_tune_interrupted_by_a_restart_resumes_and_switches(tmp_pat
         assert len(trainer.finetunes) == 1, "the restart must resume the trainer's job, not start another"
         progress = await stub.GetProgress(pb.GetProgressRequest(project_id="p"))
         assert progress.embedding_version == "ft-1" and job.metrics["reembedded"] == progress.crops
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "orch" / "orchestrator.db") as conn:
+        versions = {r[0] for r in conn.execute("SELECT DISTINCT version FROM vectors")}
+    assert versions == {"ft-1"}, "vectors of the old embedding are kept after the switch"
 
 
 async def test_ingest_a_uri_list_inside_the_roots_only(tmp_path, frames):
