@@ -93,9 +93,11 @@ def _size_bin(boxes_norm: np.ndarray, w: int, h: int, long_side: int) -> np.ndar
 
 
 def evaluate_boxes(predict: Predict, frames: list[D.Frame], images: Iterable[np.ndarray], long_side: int,
-                   threshold: float, category: int = 1) -> dict:
+                   threshold: float, category: int = 1, size_long_side: int | None = None) -> dict:
     """AP50 (all-point interpolated) over ``category`` predictions, and recall/precision at ``threshold``
-    by box size, where size is sqrt(area) in pixels at the model input (``long_side``)."""
+    by box size, where size is sqrt(area) in pixels once the frame's long side is ``size_long_side``
+    (default: the model input, ``long_side``)."""
+    size_ls = size_long_side or long_side
     all_scores, all_tp, n_gt = [], [], 0
     gt_bins: list[str] = []
     gt_hit: list[bool] = []
@@ -114,9 +116,9 @@ def evaluate_boxes(predict: Predict, frames: list[D.Frame], images: Iterable[np.
         tp_thr, gt_idx = _match(boxes[at], scores[at], f.boxes)
         hit = np.zeros(len(f.boxes), bool)
         hit[gt_idx[gt_idx >= 0]] = True
-        gt_bins += list(_size_bin(f.boxes, w, h, long_side))
+        gt_bins += list(_size_bin(f.boxes, w, h, size_ls))
         gt_hit += list(hit)
-        pred_bins += list(_size_bin(boxes[at], w, h, long_side))
+        pred_bins += list(_size_bin(boxes[at], w, h, size_ls))
         pred_tp_thr += list(tp_thr)
     scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
     tp = np.concatenate(all_tp)[np.argsort(-scores, kind="stable")] if len(scores) else np.zeros(0, bool)
@@ -150,7 +152,7 @@ def evaluate_boxes(predict: Predict, frames: list[D.Frame], images: Iterable[np.
         "recall": round(float(gt_hit_a.mean()) if len(gt_hit_a) else 0.0, 4),
         "precision": round(float(pred_tp_a.mean()) if len(pred_tp_a) else 1.0, 4),
         "by_size": by_size,
-        "size_definition": f"sqrt(box area) in pixels at the model input (long side {long_side}): "
+        "size_definition": f"sqrt(box area) in pixels with the frame's long side at {size_ls} px: "
         + ", ".join(f"{k} [{lo}, {hi})" for k, (lo, hi) in SIZE_BINS.items()),
     }
 

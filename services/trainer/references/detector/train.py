@@ -33,7 +33,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="var/detector/run", type=Path)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", default=2, type=int, help="torch CPU threads")
-    p.add_argument("--epochs", default=10, type=int)
+    p.add_argument("--epochs", default=6, type=int)
     p.add_argument("--batch-size", default=2, type=int)
     p.add_argument("--lr", default=0.01, type=float)
     p.add_argument("--momentum", default=0.9, type=float)
@@ -48,7 +48,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--test-proposals", default=100, type=int)
     p.add_argument("--eval-long-side", default=640, type=int)
     p.add_argument("--eval-threshold", default=0.5, type=float)
-    p.add_argument("--eval-every", default=5, type=int, help="epochs between validation runs (0: only at the end)")
+    p.add_argument("--eval-every", default=0, type=int, help="epochs between validation runs (0: only at the end;"
+                   " export.py evaluates the exported model in full)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--workers", default=0, type=int)
     p.add_argument("--resume", default="", help="checkpoint to resume from")
@@ -119,7 +120,7 @@ def main(args: argparse.Namespace) -> dict:
         last = epoch == args.epochs - 1
         if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
             result = engine.evaluate(engine.torch_predictor(model, args.eval_long_side), args.data_root,
-                                     args.eval_long_side, args.eval_threshold, with_empty=last)
+                                     args.eval_long_side, args.eval_threshold, with_empty=False)
             row["eval"] = result
             log(f"eval epoch {epoch}: {json.dumps(result['serengeti_boxes_validation'])}")
         with open(metrics_path, "a") as fh:
