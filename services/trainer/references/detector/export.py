@@ -96,6 +96,31 @@ def parity(model, session, manifest: ModelManifest, paths: list[str], min_score:
             "max_abs_score_diff": round(worst_score, 6)}
 
 
+def _invocations(log: Path) -> list[str]:
+    """Each start of train.py in this run folder (a run stopped and resumed with another --epochs shows here)."""
+    import re
+
+    out = []
+    if not log.exists():
+        return out
+    for line in log.read_text().splitlines():
+        if " args {" in line:
+            epochs = re.search(r"'epochs': (\d+)", line).group(1)
+            resume = re.search(r"'resume': '([^']*)'", line).group(1)
+            out.append(f"{line[:8]} UTC: train.py --epochs {epochs}" + (f" --resume {resume}" if resume else ""))
+        elif " done: loss" in line:
+            out.append(f"{line[:8]} UTC: {line[9:].split(':')[0]}")
+    return out
+    for line in log.read_text().splitlines():
+        if " args {" in line:
+            a = ast.literal_eval(line.split(" args ", 1)[1].rsplit(" device ", 1)[0].replace("PosixPath(", "(")
+                                 .replace("')", "'"))  # noqa: E501
+            out.append(f"{line[:8]} UTC: --epochs {a['epochs']}" + (f" --resume {a['resume']}" if a["resume"] else ""))
+        elif "epoch" in line and "done" in line:
+            out.append(f"{line[:8]} UTC: {line[9:].split(':')[0]} done")
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Export the default detector to ONNX with its manifest")
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -122,6 +147,7 @@ def main(argv=None) -> dict:
     model.eval()  # the exporter restores the wrapper's mode; keep eval for the parity check
     summary_path = args.checkpoint.parent / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    invocations = _invocations(args.checkpoint.parent / "train.log")
     manifest = ModelManifest(
         name="trapline-frcnn-efficientnet-lite0",
         version=datetime.date.today().strftime("%Y%m%d"),
@@ -213,6 +239,7 @@ def main(argv=None) -> dict:
             "device_name": summary.get("device_name"), "threads": summary.get("threads"),
             "wall_seconds": summary.get("train_wall_s"), "epochs": summary.get("epochs"),
             "iterations": summary.get("iterations"), "checkpoint_epoch": ckpt["epoch"],
+            "invocations": invocations,
         },
         "export": {"command": "python -m trapline.trainer.references.detector.export " + " ".join(
             sys.argv[1:] if argv is None else argv), "opset": args.opset, "exporter": "torch.onnx legacy (dynamo=False)",
