@@ -211,15 +211,21 @@ class Selector:
         rows_ok = all(int(r.payload["row"]) == i for i, r in enumerate(records))
         if not rows_ok:
             raise RuntimeError(f"collection {coll}: row numbers are not 0..n-1; the store was edited by hand?")
+        preds: list[tuple[int, dict]] = []
         for i, r in enumerate(records):
             p = r.payload
             ver.put_meta(i, p["crop_id"], p.get("image_id", ""), p.get("location", ""), p.get("sequence_id", ""))
             ver.labelled[i] = bool(int(p.get("labelled", 0)))
             ver.labels[i] = p.get("label", "") or ""
-            pred = p.get("pred")
-            if pred:
-                cols = ver.ensure_classes(list(pred))
-                ver.set_prediction_rows(np.array([i]), cols, np.array([list(pred.values())], np.float32))
+            if p.get("pred"):
+                preds.append((i, p["pred"]))
+        if preds:
+            ver.ensure_classes(sorted({c for _, pred in preds for c in pred}))
+            block = np.zeros((len(preds), len(ver.classes)), np.float32)
+            for k, (_, pred) in enumerate(preds):
+                for c, v in pred.items():
+                    block[k, ver.class_index[c]] = v
+            ver.probs[np.array([i for i, _ in preds])] = block
         if ver.file.rows < ver.n or dirty.exists():
             vec = np.zeros((ver.n, dim), np.float32)
             for batch in self.store.scroll(coll, with_vectors=True):
