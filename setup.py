@@ -18,5 +18,10 @@ for name, path in ROOTS.items():
 setup(
     package_dir=ROOTS,
     packages=packages,
-    package_data={"": ["*.pyi", "py.typed", "*.json", "*.onnx", "*.sql"]},
+    package_data={
+        "": ["*.pyi", "py.typed", "*.json", "*.sql"],
+        # bundled default models (not packages: no __init__.py), so a wheel carries them too
+        "trapline.detector": ["models/*/*.onnx", "models/*/*.json"],
+        "trapline.embedder": ["default_model/*/*.onnx", "default_model/*/*.json", "default_model/*/*.npz"],
+    },
 )
