@@ -220,7 +220,7 @@ class Selector:
             if p.get("pred"):
                 preds.append((i, p["pred"]))
         if preds:
-            ver.ensure_classes(sorted({c for _, pred in preds for c in pred}))
+            ver.ensure_classes(list(dict.fromkeys(c for _, pred in preds for c in pred)))  # first-seen order
             block = np.zeros((len(preds), len(ver.classes)), np.float32)
             for k, (_, pred) in enumerate(preds):
                 for c, v in pred.items():
