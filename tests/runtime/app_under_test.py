@@ -19,6 +19,7 @@ from trapline.runtime import App, Registration, ServiceSettings, errors, run
 class ProbeSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TRAPLINE_TESTAPP_")
     startup_delay: float = 0.0
+    fail_startup: bool = False
 
 
 class _Servicer(embedder_pb2_grpc.EmbedderServiceServicer):
@@ -48,6 +49,8 @@ class ProbeApp(App[ProbeSettings]):
 
     async def startup(self) -> None:
         await asyncio.sleep(self.settings.startup_delay)
+        if self.settings.fail_startup:
+            raise FileNotFoundError("model file /models/missing.onnx not found")
 
 
 def main() -> None:

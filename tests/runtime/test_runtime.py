@@ -239,3 +239,13 @@ async def test_sigterm_lets_in_flight_call_finish_and_refuses_new_ones():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_failed_startup_exits_1_with_the_reason_and_no_loop_noise():
+    env = {**os.environ, "TRAPLINE_TESTAPP_PORT": str(_free_port()), "TRAPLINE_TESTAPP_FAIL_STARTUP": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.runtime.app_under_test"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "could not start: model file /models/missing.onnx not found" in out
+    assert "Event loop is closed" not in out

@@ -6,7 +6,7 @@ Import what a service needs from here::
 """
 
 from . import errors
-from .server import App, Registration, RunningServer, bring_up, run, serve, start_server
+from .server import App, Registration, RunningServer, StartupError, bring_up, run, serve, start_server
 from .settings import ServiceSettings, SettingsError, load_settings
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "RunningServer",
     "ServiceSettings",
     "SettingsError",
+    "StartupError",
     "bring_up",
     "errors",
     "load_settings",

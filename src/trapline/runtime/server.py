@@ -43,6 +43,10 @@ log = logging.getLogger("trapline.runtime")
 S = TypeVar("S", bound=ServiceSettings)
 
 
+class StartupError(RuntimeError):
+    """The app's startup failed (a model or store could not be loaded); the process exits with status 1."""
+
+
 @dataclass(frozen=True)
 class Registration:
     """One gRPC service an app exposes: its servicer, the generated ``add_*_to_server`` and its full name."""
@@ -167,7 +171,10 @@ async def serve(app: App[Any], *, stop_event: asyncio.Event | None = None) -> No
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({startup, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if startup in done:
-        startup.result()  # a failed startup ends the process with its error
+        if startup.exception() is not None:  # a failed startup ends the process with its error
+            stopper.cancel()
+            await running.server.stop(0)
+            raise StartupError(f"{type(app).__name__} could not start: {startup.exception()}") from startup.exception()
         log.info("%s ready: SERVING", type(app).__name__)
         await stopper
     else:
@@ -189,3 +196,6 @@ def run(app_cls: Callable[[S], App[S]], settings_cls: type[S], argv: Sequence[st
         asyncio.run(serve(app_cls(settings)))
     except KeyboardInterrupt:  # pragma: no cover - signal handler normally catches it
         pass
+    except StartupError as exc:
+        log.error("%s", exc, exc_info=exc.__cause__)
+        raise SystemExit(1) from None
