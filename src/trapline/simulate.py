@@ -201,7 +201,7 @@ def plot(points: Sequence[Point], path: Path, title: str) -> None:
         ax.plot(labels, mean, label=name)
         ax.fill_between(labels, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("human labels")
-    ax.set_ylabel("accuracy on held-out crops")
+    ax.set_ylabel("accuracy on held-out points")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

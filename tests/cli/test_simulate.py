@@ -88,4 +88,4 @@ def test_cli_prints_a_table_and_labels_to_target(tmp_path):
                            "--seed-size", "8", "--batch-size", "8", "--budget", "24", "--target", "0.9",
                            "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "| tiny | kcenter |" in proc.stdout and "to reach 0.90" in proc.stdout
+    assert "| tiny | kcenter |" in proc.stdout and "target 0.90" in proc.stdout

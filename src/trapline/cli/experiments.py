@@ -105,8 +105,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"\n{runs} runs in {time.monotonic() - t0:.0f}s; wrote {out / 'simulate.csv'} and {out / 'simulate.png'}")
     if args.target:
         for (feat, strategy), n in simulate.labels_to_reach(points, args.target).items():
-            shown = "not reached" if math.isnan(n) else f"{int(n)} labels"
-            print(f"  {feat} / {strategy}: {shown} to reach {args.target:.2f}")
+            shown = f"not reached within {config.budget} labels" if math.isnan(n) else f"{int(n)} labels to reach it"
+            print(f"  {feat} / {strategy}: target {args.target:.2f}: {shown}")
     return 0
 
 
