@@ -1,8 +1,9 @@
 """Labelled 256x256 crops from COCO Camera Traps sets (PIL + numpy only; no torch, no grpc).
 
 Used by the model-building references, the experiment, the benchmarks and the tests to cut crops the way
-the detector does: each box is grown to a square around its centre (clipped to the frame), cut, and
-resized to 256x256 with bilinear filtering. Boxes come from, in order of preference:
+the detector does by default (``trapline.detector.crops.crop_box``, mode "resize": the box, floor/ceil to
+whole pixels, stretched to 256x256 with bilinear filtering, as the paper does). Boxes come from, in order
+of preference:
 
 1. ground-truth ``bbox`` in ``coco_ct.json`` (absolute ``[x, y, w, h]`` pixels);
 2. ``megadetector.json`` animal detections with ``conf >= min_conf`` (normalized ``[x, y, w, h]``);
@@ -45,20 +46,19 @@ class Crop:
         return buf.getvalue()
 
 
-def square_crop(image: Image.Image, box: tuple[float, float, float, float] | None, size: int = CROP_SIZE) -> np.ndarray:
-    """Cut ``box`` (absolute x, y, w, h; None = whole frame) grown to a square, resized to ``size`` bilinear."""
+#: Bumped whenever the crop rule changes (feature caches are keyed by it).
+CROP_RULE = "detector-resize-1"
+
+
+def detector_crop(image: Image.Image, box: tuple[float, float, float, float] | None, size: int = CROP_SIZE) -> np.ndarray:
+    """Cut ``box`` (absolute x, y, w, h; None = whole frame) with the detector's rule, ``size`` x ``size``."""
+    from trapline.detector.crops import crop_box
+
     image = image.convert("RGB")
     if box is None:
         return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
     x, y, w, h = box
-    side = max(w, h, 1.0)
-    cx, cy = x + w / 2, y + h / 2
-    left = int(round(max(0.0, cx - side / 2)))
-    top = int(round(max(0.0, cy - side / 2)))
-    right = int(round(min(image.width, cx + side / 2)))
-    bottom = int(round(min(image.height, cy + side / 2)))
-    right, bottom = max(right, left + 1), max(bottom, top + 1)
-    return np.asarray(image.crop((left, top, right, bottom)).resize((size, size), Image.Resampling.BILINEAR))
+    return crop_box(np.asarray(image), (x / image.width, y / image.height, w / image.width, h / image.height), size)
 
 
 def _md_boxes(path: Path, min_conf: float) -> dict[str, list[tuple[float, float, float, float]]]:
@@ -114,7 +114,7 @@ def load_set(
                 boxes = [None]
             source = f"{root.name}/{im['file_name']}"
             for box in boxes[:max_per_frame]:
-                crops.append(Crop(square_crop(image, box, size), label, source, root.name))
+                crops.append(Crop(detector_crop(image, box, size), label, source, root.name))
     return crops
 
 

