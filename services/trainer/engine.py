@@ -47,6 +47,14 @@ class FineTuneConfig:
     train_blocks: int = 2  # backbone stages trained besides the head (0: head only)
     seed: int = 0
     ce_scale: float = 16.0  # temperature of the normalized-softmax cross-entropy head
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else CPU
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda but torch sees no GPU")
+        return torch.device(self.device)
 
     def validate(self) -> "FineTuneConfig":
         if self.loss not in LOSSES:
@@ -57,6 +65,8 @@ class FineTuneConfig:
             raise ValueError("margin must be in (0, 2] (distances of L2-normalized vectors)")
         if self.classes_per_batch < 2 or self.crops_per_class < 2:
             raise ValueError("classes_per_batch (P) and crops_per_class (K) must be >= 2")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("device must be auto, cpu or cuda")
         return self
 
 
@@ -103,7 +113,9 @@ def finetune(
     check_labels(labels)
     labels_arr = np.asarray(labels)
     classes = sorted(set(labels_arr.tolist()))
-    y = torch.tensor([classes.index(label) for label in labels_arr.tolist()])
+    device = cfg.torch_device()
+    y = torch.tensor([classes.index(label) for label in labels_arr.tolist()], device=device)
+    model.to(device)
     n_stages = model.num_stages()
     train_blocks = max(0, min(cfg.train_blocks, n_stages))
     frozen = n_stages - train_blocks
@@ -117,7 +129,7 @@ def finetune(
         groups.append({"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale})
     if cfg.loss == "cross_entropy":
         torch.manual_seed(cfg.seed)
-        ce_head = nn.Linear(model.dim, len(classes), bias=False)
+        ce_head = nn.Linear(model.dim, len(classes), bias=False).to(device)
         groups.append({"params": list(ce_head.parameters()), "lr": cfg.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     augment = TrainPreset(preprocessing)
@@ -157,7 +169,7 @@ def finetune(
         for step, batch in enumerate(batches):
             if should_stop and should_stop():
                 raise Stopped(f"stopped in epoch {epoch + 1}")
-            x = torch.stack([augment(pixels[i]) for i in batch])
+            x = torch.stack([augment(pixels[i]) for i in batch]).to(device, non_blocking=True)
             emb = model(x, frozen_stages=frozen)
             if cfg.loss == "triplet":
                 loss = semi_hard_triplet_loss(emb, y[batch], cfg.margin)
@@ -184,8 +196,10 @@ def finetune(
             _atomic_save(state, ckpt_path)
     for p in model.parameters():
         p.requires_grad_(False)
+    model.to("cpu")  # export and parity checks run on the CPU
     model.eval()
     return {"final_loss": last_loss, "train_seconds": time.perf_counter() - t0, "steps": done_steps,
+            "device": str(device),
             "resumed_from_epoch": resumed_from, "classes": len(classes), "crops": len(labels_arr)}
 
 

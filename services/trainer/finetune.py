@@ -45,6 +45,7 @@ class FineTuneParams:
     crops_per_class: int = 4
     train_blocks: int = 2
     lr: float = 1e-3
+    device: str = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -143,7 +144,8 @@ def run_finetune(ctx: JobContext, store: ModelStore, threads: int = 0) -> dict[s
     model = build(spec.arch, spec.dim, weights=load_weights(base.weights_path), pretrained=spec.base == "imagenet",
                   image_size=spec.image_size, seed=p.seed)
     cfg = FineTuneConfig(loss=p.loss, epochs=p.epochs, margin=p.margin, classes_per_batch=p.classes_per_batch,
-                         crops_per_class=p.crops_per_class, train_blocks=p.train_blocks, lr=p.lr, seed=p.seed)
+                         crops_per_class=p.crops_per_class, train_blocks=p.train_blocks, lr=p.lr, seed=p.seed,
+                         device=p.device)
     ctx.update(done=0, total=p.epochs, unit="epochs", message=f"fine-tuning {p.base_version} on {len(crops)} crops")
 
     def progress(pr: Progress) -> None:

@@ -46,6 +46,8 @@ class TrainerSettings(ServiceSettings):
     default_base_version: str = Field("", description="Base version when a request names none; empty: the "
                                       "newest version in the model store that carries torch weights.")
     threads: int = Field(0, ge=0, description="torch threads; 0: torch's default.")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$",
+                        description="Fine-tune device; auto: CUDA when torch sees a GPU (the MLP runs in numpy).")
     epochs: int = Field(5, ge=1, le=200, description="Fine-tune epochs when a request says 0.")
     classes_per_batch: int = Field(8, ge=2, description="P when a request says 0.")
     crops_per_class: int = Field(4, ge=2, description="K when a request says 0.")
@@ -148,7 +150,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             project=request.project or "default", base_version=request.base_version, loss=_LOSSES[request.loss],
             epochs=request.epochs or s.epochs, margin=request.margin or 0.2, seed=request.seed,
             classes_per_batch=request.classes_per_batch or s.classes_per_batch,
-            crops_per_class=request.crops_per_class or s.crops_per_class, train_blocks=s.train_blocks, lr=s.lr)
+            crops_per_class=request.crops_per_class or s.crops_per_class, train_blocks=s.train_blocks, lr=s.lr,
+            device=s.device)
         job = await asyncio.to_thread(submit_finetune, app.runner, app.store, params, crops, labels, ids,
                                       s.default_base_version or app.newest_base())
         return trainer_pb2.StartFineTuneResponse(job=job_message(job))
