@@ -227,7 +227,7 @@ def write_megadetector(images: Sequence[ImageOut], classes: Sequence[str], *, de
         info["classification_completion_time"] = completed
     thresholds = sorted({im.threshold for im in images if im.threshold > 0})
     if thresholds:
-        info["detector_metadata"] = {"typical_detection_threshold": thresholds[0]}
+        info["detector_metadata"] = {"typical_detection_threshold": round(float(thresholds[0]), 4)}
     return {"info": info, "detection_categories": categories,
             "classification_categories": {v: k for k, v in cls_ids.items()}, "images": out_images}
 

@@ -15,6 +15,7 @@ up to date (all labels, retrain) before its next batch or submission.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import time
 from collections import defaultdict
@@ -282,8 +283,9 @@ class Loop:
 
         await asyncio.gather(store(), publish())  # our copy and the selector's, side by side
         total = len(labels)
+        accuracy = float(clf.accuracy)  # NaN when the labels are too few to hold any out
         await asyncio.to_thread(self.db.update_project, project_id, classifier_version=clf.version,
-                                classifier_accuracy=float(clf.accuracy))
+                                classifier_accuracy=accuracy if math.isfinite(accuracy) else -1.0)
         await asyncio.to_thread(self.db.add_model_version, project_id, "classifier", clf.version, total,
                                 {"accuracy": clf.accuracy, "holdout_size": clf.holdout_size})
         return clf.version

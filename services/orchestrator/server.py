@@ -270,7 +270,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         return pb.GetProgressResponse(
             images=counts["images"], empty_images=counts["empty"], crops=counts["crops"], labelled=counts["labelled"],
             rounds=rounds, embedding_version=p.embedding_version, classifier_version=p.classifier_version,
-            classifier_accuracy=p.classifier_accuracy, classes=p.classes,
+            classifier_accuracy=p.classifier_accuracy if p.classifier_accuracy >= 0 else float("nan"), classes=p.classes,
             active_jobs=[job_message(j) for j in active])
 
 

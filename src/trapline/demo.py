@@ -167,6 +167,7 @@ def _plot(curve: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    curve = [c for c in curve if c["evaluated_crops"]]
     xs = [c["labels"] for c in curve]
     ax.plot(xs, [c["accuracy_unlabelled"] for c in curve], marker="o")
     ax.set_xlabel("human labels")
@@ -181,6 +182,8 @@ def _plot(curve: list[dict], path: Path) -> None:
 def table(summary: dict) -> str:
     lines = ["| labels | picked by | accuracy on unlabelled crops | crops evaluated |", "|---|---|---|---|"]
     for c in summary["curve"]:
+        if not c["evaluated_crops"]:
+            continue
         lines.append(f"| {c['labels']} | {c['strategy']} | {c['accuracy_unlabelled']:.3f} | {c['evaluated_crops']} |")
     return "\n".join(lines)
 

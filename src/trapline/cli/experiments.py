@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import CommandError, progress_bar
+import grpc
+
+from ._common import CommandError, explain, progress_bar
 
 
 def _train_predict(x_l: np.ndarray, y_l: np.ndarray, x: np.ndarray, seed: int) -> tuple[list[str], np.ndarray]:
@@ -120,6 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = asyncio.run(demo.run_demo(config))
     except RuntimeError as exc:
         raise CommandError(f"{exc}. Service logs are in {Path(args.data_dir) / 'logs'}") from None
+    except grpc.aio.AioRpcError as exc:
+        raise CommandError(f"{explain(exc)}. Service logs are in {Path(args.data_dir) / 'logs'}") from None
     print()
     print(demo.table(summary))
     print(f"\n{summary['frames']} frames ({summary['empty_frames']} empty), {summary['crops']} crops, "

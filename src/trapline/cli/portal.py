@@ -118,7 +118,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     rows = [("images", p.images), ("empty images", p.empty_images), ("crops", p.crops), ("labelled", p.labelled),
             ("rounds", p.rounds), ("embedding", p.embedding_version or "-"),
             ("classifier", p.classifier_version or "-"),
-            ("accuracy (held out)", f"{p.classifier_accuracy:.3f}" if p.classifier_version else "-"),
+            ("accuracy (held out)", f"{p.classifier_accuracy:.3f}" if p.classifier_version and p.classifier_accuracy == p.classifier_accuracy else "-"),
             ("classes", ", ".join(p.classes) or "-")]
     for job in p.active_jobs:
         rows.append((f"job {job.kind}", f"{pb_state(job)} {job.done}/{job.total} {job.unit}"))

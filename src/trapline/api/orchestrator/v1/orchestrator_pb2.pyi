@@ -1012,7 +1012,7 @@ class GetProgressResponse(_message.Message):
     classifier_version: _builtins.str
     """Latest classifier version."""
     classifier_accuracy: _builtins.float
-    """Latest held-out classifier accuracy in [0, 1]."""
+    """Latest held-out classifier accuracy in [0, 1]; NaN when the labels were too few to hold any out."""
     @_builtins.property
     def classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Class names known to the project."""
