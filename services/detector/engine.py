@@ -39,6 +39,9 @@ def create_session(model_path: str | Path, device: str = "auto", threads: int = 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # No busy-waiting between runs: the CPU is shared with the decoding workers (and often other services);
+    # a spinning ORT thread pool slows them more than it speeds up the next run.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads > 0:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
