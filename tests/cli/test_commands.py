@@ -48,8 +48,9 @@ def stack(tmp_path_factory):
 def test_health_lists_every_service_serving(stack):
     proc = cli("health", *(stack.address(s) for s in ORDER))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {cols[1]: cols[2] for cols in (line.split() for line in proc.stdout.splitlines()[1:])}
     for name in ("DetectorService", "EmbedderService", "SelectorService", "TrainerService", "OrchestratorService"):
-        assert f"trapline.{name.removesuffix('Service').lower()}.v1.{name}  SERVING" in proc.stdout.replace("   ", "  ")
+        assert rows.get(f"trapline.{name.removesuffix('Service').lower()}.v1.{name}") == "SERVING", proc.stdout
 
 
 @needs_all
