@@ -103,19 +103,11 @@ def cut_crops(image_bytes: bytes, detections: Sequence[Detection], wanted: Seque
 
 
 def crop_jpeg(image, bbox: Sequence[float], size: int = CROP_SIZE) -> bytes:
-    """The detector's CROP_MODE_RESIZE on a decoded RGB PIL image: the normalized box clipped to the frame,
-    widened to whole pixels (floor of the start, ceil of the end), resized to ``size`` x ``size`` bilinear."""
-    import math
+    """The detector's own crop rule (CROP_MODE_RESIZE: the normalized box clipped to the frame, widened to whole
+    pixels, stretched to ``size`` x ``size`` bilinear) on a decoded RGB PIL image, as JPEG. One implementation,
+    ``trapline.detector.crops``, serves the detector, the orchestrator and the trainer's model building."""
+    import numpy as np
 
-    from PIL import Image
+    from trapline.detector.crops import crop_box, encode_jpeg
 
-    w, h = image.size
-    x, y, bw, bh = (float(v) for v in bbox)
-    x1, y1 = max(0.0, x * w), max(0.0, y * h)
-    x2, y2 = min(float(w), (x + bw) * w), min(float(h), (y + bh) * h)
-    box = (math.floor(x1), math.floor(y1), max(math.ceil(x2), math.floor(x1) + 1),
-           max(math.ceil(y2), math.floor(y1) + 1))
-    crop = image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    crop.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
+    return encode_jpeg(crop_box(np.asarray(image), bbox, size), quality=JPEG_QUALITY)
