@@ -7,8 +7,8 @@ cross-entropy embeddings, crops vs full frames); each is run with several strate
 The loop is the paper's Algorithm 2 at any scale: label ``seed_size`` random points, then repeatedly
 train the classifier (the trainer's MLP), measure accuracy on the held-out points, and ask the strategy
 (the selector's implementation, the same code the service runs) for ``batch_size`` more.
-Held-out points are a random fraction, or whole locations (``holdout_locations``), the generalisation
-the paper argues for.
+Held-out points are a random fraction of the sequences (of the points, when the file has no sequences), or
+whole locations (``holdout_locations``), the generalisation the paper argues for.
 """
 
 from __future__ import annotations
@@ -99,6 +99,13 @@ def split(features: Features, config: Config, seed: int) -> tuple[np.ndarray, np
         n_test = max(1, round(len(locs) * config.test_fraction))
         test_locs = set(rng.choice(locs, size=n_test, replace=False).tolist())
         is_test = np.array([loc in test_locs for loc in features.locations])
+    elif features.sequences is not None:
+        # whole sequences (bursts, or the crops of one frame) go to one side, so near-duplicates never
+        # sit on both sides of the split
+        seqs = np.unique(features.sequences)
+        n_test = max(1, round(len(seqs) * config.test_fraction))
+        test_seqs = set(rng.choice(seqs, size=n_test, replace=False).tolist())
+        is_test = np.array([q in test_seqs for q in features.sequences])
     else:
         is_test = np.zeros(n, dtype=bool)
         is_test[rng.choice(n, size=max(1, round(n * config.test_fraction)), replace=False)] = True

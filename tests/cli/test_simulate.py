@@ -61,6 +61,13 @@ def test_holdout_locations_keeps_test_locations_out_of_the_pool(tmp_path):
     assert len(set(feats.locations[test])) == 1
 
 
+def test_a_sequence_is_never_split_between_pool_and_test(tmp_path):
+    feats = simulate.Features.load(tiny_features(tmp_path / "tiny.npz"))
+    pool, test = simulate.split(feats, simulate.Config(test_fraction=0.25), seed=2)
+    assert set(feats.sequences[pool]).isdisjoint(feats.sequences[test])
+    assert 0.15 < len(test) / len(feats.labels) < 0.35
+
+
 def test_holdout_locations_without_locations_is_a_clear_error(tmp_path, capsys):
     feats = tiny_features(tmp_path / "noloc.npz", with_locations=False)
     code = main(["simulate", str(feats), "--holdout-locations", "--seeds", "1", "-o", str(tmp_path / "o")])
