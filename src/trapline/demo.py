@@ -2,7 +2,8 @@
 
 1. start the five services as local processes (embedded Qdrant, SQLite, local stores) in ``--data-dir``;
 2. create a project whose loop is scaled to the sample (seed, batch and fine-tune sizes below);
-3. ingest real labelled frames (COCO Camera Traps): detection, empty frames, counts, crops, embeddings;
+3. ingest real labelled frames (COCO Camera Traps): detection, empty frames (checked against the labels),
+   counts, crops, embeddings;
 4. run the active-learning loop with an oracle that answers from the frames' ground truth: random seed
    labels, then k-Center batches; the classifier is retrained after every batch and the embedding is
    fine-tuned once, after which everything is re-embedded;
@@ -28,7 +29,7 @@ from .featurize import NON_SPECIES
 from .local import LocalStack, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SETS = ("serengeti_fieldguide",)
+DEFAULT_SETS = ("serengeti_fieldguide", "cct_sample")
 
 
 @dataclass
@@ -59,6 +60,37 @@ def ground_truth(frames: Path, sets: tuple[str, ...]) -> dict[str, str]:
             if label and label.lower() not in NON_SPECIES:
                 truth[str((coco.parent / im["file_name"]).resolve())] = label
     return truth
+
+
+def frame_labels(frames: Path, sets: tuple[str, ...]) -> dict[str, str]:
+    """Resolved image path -> its ground-truth label, empties, people and vehicles included."""
+    out: dict[str, str] = {}
+    for name in sets:
+        coco = frames / name / "coco_ct.json"
+        doc = json.loads(coco.read_text())
+        cats = {c["id"]: c["name"] for c in doc["categories"]}
+        by_image = {a["image_id"]: cats[a["category_id"]] for a in doc["annotations"]}
+        for im in doc["images"]:
+            if im["id"] in by_image:
+                out[str((coco.parent / im["file_name"]).resolve())] = by_image[im["id"]]
+    return out
+
+
+async def _empty_accuracy(stub: pb_grpc.OrchestratorServiceStub, project: str, labels: dict[str, str]) -> dict:
+    """The detector's empty flag against ground truth: a frame should be empty unless its label is an animal."""
+    correct = total = 0
+    token = ""
+    while True:
+        page = await stub.GetResults(pb.GetResultsRequest(project_id=project, page_token=token))
+        for image in page.images:
+            label = labels.get(_path_of(image.uri))
+            if label is None:
+                continue
+            total += 1
+            correct += image.empty == (label.lower() in NON_SPECIES)
+        token = page.next_page_token
+        if not token:
+            return {"frames": total, "correct": correct}
 
 
 def _path_of(uri: str) -> str:
@@ -113,7 +145,9 @@ async def run_demo(config: DemoConfig, log=print) -> dict:
                     raise RuntimeError(f"ingest of {name} ended {common_pb2.JobState.Name(job.state)}: {job.error}")
                 log(f"ingested {name}: {job.done} frames in {time.monotonic() - t0:.0f}s")
             progress = await stub.GetProgress(pb.GetProgressRequest(project_id=project))
-            log(f"{progress.images} frames, {progress.empty_images} empty, {progress.crops} crops")
+            empties = await _empty_accuracy(stub, project, frame_labels(config.frames, config.sets))
+            log(f"{progress.images} frames, {progress.empty_images} empty, {progress.crops} crops; the empty flag "
+                f"agrees with ground truth on {empties['correct']} of {empties['frames']} frames")
             curve: list[dict] = []
             finetunes: list[str] = []
             t_loop = time.monotonic()
@@ -148,7 +182,7 @@ async def run_demo(config: DemoConfig, log=print) -> dict:
             (config.out / "results.csv").write_bytes(csv_export.content)
         summary = {
             "project": project, "frames": progress.images, "empty_frames": progress.empty_images,
-            "crops": progress.crops, "labels": progress.labelled, "embedding_version": progress.embedding_version,
+            "crops": progress.crops, "labels": progress.labelled, "empty_flag_vs_truth": empties, "embedding_version": progress.embedding_version,
             "classifier_accuracy_heldout": progress.classifier_accuracy, "curve": curve,
             "loop_seconds": round(time.monotonic() - t_loop, 1),
             "total_seconds": round(time.monotonic() - started, 1),

@@ -96,7 +96,9 @@ def test_demo_runs_end_to_end_at_ci_size(tmp_path):
         capture_output=True, text=True, timeout=900, cwd=REPO, env={**__import__("os").environ, **QUIET})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["frames"] == 36 and summary["crops"] > 0
+    assert summary["frames"] == 36 + 16 and summary["crops"] > 0
+    empties = summary["empty_flag_vs_truth"]
+    assert empties["frames"] == 52 and empties["correct"] >= 0.75 * 52, empties
     assert summary["labels"] >= 24
     assert (out / "learning_curve.png").stat().st_size > 10_000
     md = json.loads((out / "megadetector.json").read_text())

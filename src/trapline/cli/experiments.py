@@ -126,7 +126,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CommandError(f"{explain(exc)}. Service logs are in {Path(args.data_dir) / 'logs'}") from None
     print()
     print(demo.table(summary))
-    print(f"\n{summary['frames']} frames ({summary['empty_frames']} empty), {summary['crops']} crops, "
+    e = summary["empty_flag_vs_truth"]
+    print(f"\n{summary['frames']} frames ({summary['empty_frames']} empty; the empty flag agrees with the labels on "
+          f"{e['correct']} of {e['frames']}), {summary['crops']} crops, "
           f"{summary['labels']} human labels, embedding {summary['embedding_version']}; "
           f"{summary['total_seconds']:.0f}s in all")
     print(f"wrote {config.out}/learning_curve.png, {config.out}/megadetector.json (Timelapse/AddaxAI), "
@@ -156,7 +158,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole system on the real sample frames (the README's main job)")
     p.add_argument("-o", "--output", default="demo-output")
     p.add_argument("--data-dir", default="var/demo")
-    p.add_argument("--sets", nargs="+", default=["serengeti_fieldguide"], help="sample sets in tests/data/frames")
+    p.add_argument("--sets", nargs="+", default=["serengeti_fieldguide", "cct_sample"],
+                   help="sample sets in tests/data/frames (default: serengeti_fieldguide cct_sample)")
     p.add_argument("--seed-labels", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=6)
     p.add_argument("--finetune-every", type=int, default=24)
