@@ -17,13 +17,13 @@ Anything else (data used, command, training device, full metrics) is kept and sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trapline.integrity import sha256_file
 from trapline.runtime.errors import FailedPrecondition
 
 Layout = Literal["torchvision_frcnn", "yolov5"]
@@ -79,13 +79,6 @@ class ModelManifest(BaseModel):
         walk("", self.metrics)
         return out
 
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_manifest(model_path: str | Path, *, verify: bool = True) -> ModelManifest:

@@ -17,7 +17,6 @@ URIs: a plain path or ``file:///abs/path``. Other schemes are rejected (none is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from trapline.integrity import sha256_file
 from trapline.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 MODEL_FILE = "model.onnx"
@@ -36,13 +36,6 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.npz"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_version_id(version: str, field: str = "version") -> str:

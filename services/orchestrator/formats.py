@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from trapline.detector.crops import count_bin as detector_bin
 from trapline.runtime.errors import InvalidArgument
 
 from .db import Detection, ImageRecord
@@ -40,14 +41,8 @@ Resolve = Callable[[str], tuple[str, str]]
 
 
 def count_bin(count: int) -> str:
-    """The paper's count bins."""
-    if count <= 0:
-        return "0"
-    if count <= 10:
-        return "1-10"
-    if count <= 50:
-        return "11-50"
-    return "51+"
+    """The paper's count bins as the portal formats spell them: the detector's bins, with "0" for none."""
+    return detector_bin(count) or "0"
 
 
 def _clamp_box(box: Sequence[Any], where: str) -> tuple[float, float, float, float]:

@@ -47,23 +47,9 @@ class DemoConfig:
     extra_env: dict = field(default_factory=dict)  # e.g. smaller fine-tunes in CI
 
 
-def ground_truth(frames: Path, sets: tuple[str, ...]) -> dict[str, str]:
-    """Resolved image path -> species label, from the sets' COCO Camera Traps files."""
-    truth: dict[str, str] = {}
-    for name in sets:
-        coco = frames / name / "coco_ct.json"
-        doc = json.loads(coco.read_text())
-        cats = {c["id"]: c["name"] for c in doc["categories"]}
-        by_image = {a["image_id"]: cats[a["category_id"]] for a in doc["annotations"]}
-        for im in doc["images"]:
-            label = by_image.get(im["id"])
-            if label and label.lower() not in NON_SPECIES:
-                truth[str((coco.parent / im["file_name"]).resolve())] = label
-    return truth
-
-
 def frame_labels(frames: Path, sets: tuple[str, ...]) -> dict[str, str]:
-    """Resolved image path -> its ground-truth label, empties, people and vehicles included."""
+    """Resolved image path -> its ground-truth label, from the sets' COCO Camera Traps files (empties, people and
+    vehicles included)."""
     out: dict[str, str] = {}
     for name in sets:
         coco = frames / name / "coco_ct.json"
@@ -76,48 +62,55 @@ def frame_labels(frames: Path, sets: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-async def _empty_accuracy(stub: pb_grpc.OrchestratorServiceStub, project: str, labels: dict[str, str]) -> dict:
-    """The detector's empty flag against ground truth: a frame should be empty unless its label is an animal."""
-    correct = total = 0
-    token = ""
-    while True:
-        page = await stub.GetResults(pb.GetResultsRequest(project_id=project, page_token=token))
-        for image in page.images:
-            label = labels.get(_path_of(image.uri))
-            if label is None:
-                continue
-            total += 1
-            correct += image.empty == (label.lower() in NON_SPECIES)
-        token = page.next_page_token
-        if not token:
-            return {"frames": total, "correct": correct}
+def species_only(labels: dict[str, str]) -> dict[str, str]:
+    """The frames whose label is a species: what the oracle answers from."""
+    return {path: label for path, label in labels.items() if label.lower() not in NON_SPECIES}
 
 
 def _path_of(uri: str) -> str:
     return str(Path(uri.removeprefix("file://")).resolve())
 
 
-async def _accuracy(stub: pb_grpc.OrchestratorServiceStub, project: str, truth: dict[str, str]) -> tuple[float, int]:
-    """Accuracy of the current species per crop (human or model) against ground truth, over crops the model labelled."""
-    correct = total = 0
+async def _results(stub: pb_grpc.OrchestratorServiceStub, project: str):
+    """Every image result of the project, page after page, paired with its resolved path."""
     token = ""
     while True:
         page = await stub.GetResults(pb.GetResultsRequest(project_id=project, page_token=token))
         for image in page.images:
-            label = truth.get(_path_of(image.uri))
-            for crop in image.crops:
-                if label is None or crop.human or not crop.label:
-                    continue
-                total += 1
-                correct += crop.label == label
+            yield _path_of(image.uri), image
         token = page.next_page_token
         if not token:
-            return (correct / total if total else float("nan")), total
+            return
+
+
+async def _empty_accuracy(stub: pb_grpc.OrchestratorServiceStub, project: str, labels: dict[str, str]) -> dict:
+    """The detector's empty flag against ground truth: a frame should be empty unless its label is an animal."""
+    correct = total = 0
+    async for path, image in _results(stub, project):
+        label = labels.get(path)
+        if label is not None:
+            total += 1
+            correct += image.empty == (label.lower() in NON_SPECIES)
+    return {"frames": total, "correct": correct}
+
+
+async def _accuracy(stub: pb_grpc.OrchestratorServiceStub, project: str, truth: dict[str, str]) -> tuple[float, int]:
+    """Accuracy of the current species per crop (human or model) against ground truth, over crops the model labelled."""
+    correct = total = 0
+    async for path, image in _results(stub, project):
+        label = truth.get(path)
+        for crop in image.crops:
+            if label is None or crop.human or not crop.label:
+                continue
+            total += 1
+            correct += crop.label == label
+    return (correct / total if total else float("nan")), total
 
 
 async def run_demo(config: DemoConfig, log=print) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
-    truth = ground_truth(config.frames, config.sets)
+    labels = frame_labels(config.frames, config.sets)
+    truth = species_only(labels)
     stack = LocalStack(data_dir=config.data_dir.resolve(), ports=free_ports(),
                        extra_env={"TRAPLINE_ORCHESTRATOR_IMAGE_ROOTS": str(config.frames.resolve()),
                                   "TRAPLINE_ORCHESTRATOR_DETECT_BATCH": "4", **config.extra_env})
@@ -145,7 +138,7 @@ async def run_demo(config: DemoConfig, log=print) -> dict:
                     raise RuntimeError(f"ingest of {name} ended {common_pb2.JobState.Name(job.state)}: {job.error}")
                 log(f"ingested {name}: {job.done} frames in {time.monotonic() - t0:.0f}s")
             progress = await stub.GetProgress(pb.GetProgressRequest(project_id=project))
-            empties = await _empty_accuracy(stub, project, frame_labels(config.frames, config.sets))
+            empties = await _empty_accuracy(stub, project, labels)
             log(f"{progress.images} frames, {progress.empty_images} empty, {progress.crops} crops; the empty flag "
                 f"agrees with ground truth on {empties['correct']} of {empties['frames']} frames")
             curve: list[dict] = []

@@ -23,7 +23,8 @@ import torch
 
 from trapline.detector.engine import create_session
 from trapline.detector.layouts import make_layout
-from trapline.detector.manifest import ModelManifest, sha256_file
+from trapline.detector.manifest import ModelManifest
+from trapline.integrity import sha256_file
 
 from . import data as D
 from . import engine
