@@ -96,9 +96,12 @@ def cut_crops(image_bytes: bytes, detections: Sequence[Detection], wanted: Seque
     with Image.open(io.BytesIO(image_bytes)) as raw:
         image = ImageOps.exif_transpose(raw).convert("RGB")
     width, height = image.size
-    crops = {}
-    for i in wanted:
-        crops[i] = crop_jpeg(image, detections[i].bbox, size)
+    import numpy as np
+
+    from trapline.detector.crops import crop_box, encode_jpeg
+
+    pixels = np.asarray(image)  # once per frame, not once per detection
+    crops = {i: encode_jpeg(crop_box(pixels, detections[i].bbox, size), quality=JPEG_QUALITY) for i in wanted}
     return width, height, crops
 
 
