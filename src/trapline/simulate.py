@@ -139,16 +139,19 @@ def run_one(features: Features, strategy: str, seed: int, config: Config, train_
 
 
 def run(features_list: Sequence[Features], config: Config, train_predict: TrainPredict, select: Select,
-        on_point: Callable[[Point], None] | None = None) -> list[Point]:
+        on_curve: Callable[[list[Point]], None] | None = None) -> list[Point]:
+    """Every (features, strategy, seed) curve; ``on_curve`` hears of each as it ends. A ValueError names the run."""
     points: list[Point] = []
     for features in features_list:
         for strategy in config.strategies:
             for seed in config.seeds:
-                curve = run_one(features, strategy, seed, config, train_predict, select)
+                try:
+                    curve = run_one(features, strategy, seed, config, train_predict, select)
+                except ValueError as exc:
+                    raise ValueError(f"{features.name} / {strategy}: {exc}") from None
                 points.extend(curve)
-                if on_point:
-                    for p in curve:
-                        on_point(p)
+                if on_curve:
+                    on_curve(curve)
     return points
 
 

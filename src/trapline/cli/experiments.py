@@ -84,22 +84,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                              test_fraction=args.test_fraction, holdout_locations=args.holdout_locations)
     t0 = time.monotonic()
     runs = len(features) * len(config.strategies) * len(config.seeds)
-    done = {"n": 0}
+    finished: list[int] = []
 
-    def on_point(point):
-        if point.labels >= min(config.budget, 10**9) or point.labels == config.seed_size:
-            pass
+    def on_curve(_curve) -> None:
+        finished.append(1)
+        progress_bar(len(finished), runs, label="simulate ")
 
-    points = []
-    for feats in features:
-        for strategy in config.strategies:
-            for seed in config.seeds:
-                try:
-                    points += simulate.run_one(feats, strategy, seed, config, _train_predict, _select)
-                except ValueError as exc:
-                    raise CommandError(f"{feats.name} / {strategy}: {exc}") from None
-                done["n"] += 1
-                progress_bar(done["n"], runs, label="simulate ")
+    try:
+        points = simulate.run(features, config, _train_predict, _select, on_curve=on_curve)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     simulate.write_csv(points, out / "simulate.csv")
     title = args.title or " vs ".join(f.name for f in features)
     simulate.plot(points, out / "simulate.png", title)
